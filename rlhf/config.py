@@ -1,0 +1,364 @@
+"""Typed configuration: dataclasses per block, loaded from YAML, overridden from the command line.
+
+Every stage config (``SFTConfig``, later ``RewardConfig`` and ``PPOConfig``) is a dataclass
+made of block dataclasses (``ModelConfig``, ``DataConfig``, ``TrainingConfig``,
+``LoggingConfig``). ``load_config(cls, path, overrides)`` reads YAML into them, applies
+dotted overrides such as ``training.lr=3e-5`` parsed to the field's type, and validates.
+
+Mistakes are reported as ``UserError`` with the dotted key, the value and the fix:
+an unknown key names the closest known key, a wrong type names the expected type, an
+out-of-range value names the range, a missing file names the path. ``validate()`` collects
+every problem before raising, so a user fixes a config in one go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from rlhf.errors import UserError
+
+
+def param(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+          min: float | None = None, max: float | None = None, min_exclusive: bool = False,
+          path_must_exist: bool = False) -> Any:
+    """A dataclass field with its documentation and the checks ``validate`` applies to it.
+
+    Args:
+        help: one line saying what the field means (shown in errors and docs).
+        min, max: inclusive bounds for numbers (``min_exclusive`` makes the lower one strict).
+        path_must_exist: a local path that must exist (hub names are told apart by the loader).
+    """
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive,
+                "path_must_exist": path_must_exist}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+@dataclass
+class ArchitectureConfig:
+    """A fresh GPT-2 built from scratch (the tiny CPU default); vocabulary size comes from the tokenizer."""
+
+    n_layer: int = param(4, help="transformer blocks", min=1)
+    n_head: int = param(4, help="attention heads per block", min=1)
+    n_embd: int = param(128, help="hidden width; must be divisible by n_head", min=1)
+    n_positions: int = param(128, help="context size in tokens", min=1)
+    dropout: float = param(0.0, help="dropout for residual, embedding and attention", min=0.0, max=1.0)
+
+
+@dataclass
+class ModelConfig:
+    """The shared GPT backbone: a Hugging Face causal LM, or a fresh GPT-2 from ``from_config``."""
+
+    name_or_path: str | None = param(None, help="hub name or local directory of any causal-LM checkpoint")
+    from_config: ArchitectureConfig | None = param(None, help="build a fresh GPT-2 with this architecture instead")
+    tokenizer: str | None = param(None, help="tokenizer hub name or directory (default: name_or_path)")
+    trust_remote_code: bool = param(False, help="run model code shipped with a hub checkpoint (off: it is arbitrary code)")
+    revision: str | None = param(None, help="hub revision (branch, tag or commit) to load")
+    disable_dropout: bool = param(True, help="set every dropout probability to 0 (RLHF practice; see PPO-NOTES 35)")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how rows become tokens."""
+
+    path: str = param("", help="hub dataset name, or a local .json/.jsonl/.csv/.parquet file or directory")
+    split: str = param("train", help="split to read from path")
+    eval_path: str | None = param(None, help="separate evaluation data (same format); default: split off eval_fraction")
+    eval_split: str = param("train", help="split to read from eval_path")
+    eval_fraction: float = param(0.05, help="share of the training rows held out for evaluation when eval_path is unset", min=0.0, max=0.5)
+    columns: dict[str, str] = param(default_factory=dict, help="map from our column names to the dataset's, e.g. {prompt: question}")
+    format: Literal["auto", "prompt_response", "messages", "text"] = param(
+        "auto", help="row format; auto picks it from the columns present")
+    max_length: int = param(512, help="maximum tokens per example (capped at the model's context size)", min=2)
+    train_on_prompt: bool = param(False, help="also put loss on prompt/user tokens (default: response tokens only)")
+    max_samples: int | None = param(None, help="use only the first N training rows (quick experiments)", min=1)
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and checkpointing, shared by every stage."""
+
+    seed: int = param(0, help="seed for weights, data order and sampling")
+    num_epochs: float = param(1.0, help="passes over the training data (fractions allowed)", min=0.0, min_exclusive=True)
+    max_steps: int | None = param(None, help="stop after this many optimizer steps (overrides num_epochs)", min=1)
+    batch_size: int = param(8, help="examples per device per micro-batch", min=1)
+    gradient_accumulation_steps: int = param(1, help="micro-batches per optimizer step", min=1)
+    eval_batch_size: int | None = param(None, help="examples per device when evaluating (default: batch_size)", min=1)
+    lr: float = param(5e-5, help="peak learning rate", min=0.0)
+    weight_decay: float = param(0.0, help="AdamW decoupled weight decay", min=0.0)
+    adam_beta1: float = param(0.9, help="AdamW beta1", min=0.0, max=1.0)
+    adam_beta2: float = param(0.999, help="AdamW beta2", min=0.0, max=1.0)
+    adam_eps: float = param(1e-8, help="AdamW epsilon", min=0.0, min_exclusive=True)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = param("cosine", help="decay after warmup")
+    warmup_ratio: float = param(0.0, help="share of the steps spent warming the lr up linearly from 0", min=0.0, max=1.0)
+    min_lr_ratio: float = param(0.0, help="final lr as a share of lr, for cosine and linear decay", min=0.0, max=1.0)
+    max_grad_norm: float | None = param(1.0, help="clip the global gradient norm to this (null: no clipping)", min=0.0, min_exclusive=True)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = param(
+        "auto", help="auto = bf16 on a GPU that supports it, fp32 otherwise")
+    log_every: int = param(10, help="optimizer steps between metric lines", min=1)
+    eval_every: int | None = param(None, help="optimizer steps between evaluations (null: at the end only)", min=1)
+    save_every: int | None = param(None, help="optimizer steps between resumable checkpoints (null: none)", min=1)
+    keep_checkpoints: int = param(2, help="newest checkpoints kept on disk", min=1)
+
+
+@dataclass
+class LoggingConfig:
+    """Trackers and samples."""
+
+    report_to: list[str] = param(default_factory=list, help="trackers through accelerate: tensorboard, wandb")
+    project: str = param("rlhf", help="tracker project name")
+    run_name: str | None = param(None, help="tracker run name (default: the output directory's name)")
+    num_samples: int = param(4, help="eval prompts to sample from at the end, written to samples.jsonl", min=0)
+    max_new_tokens: int = param(64, help="tokens generated per sample", min=1)
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1: supervised fine-tuning on demonstrations."""
+
+    output_dir: str = param("runs/sft", help="run directory (config.yaml, metrics.jsonl, checkpoints/, final/)")
+    overwrite: bool = param(False, help="replace a finished or started run in output_dir instead of refusing")
+    model: ModelConfig = param(default_factory=ModelConfig, help="the policy backbone")
+    data: DataConfig = param(default_factory=DataConfig, help="demonstrations")
+    training: TrainingConfig = param(default_factory=TrainingConfig, help="optimisation")
+    logging: LoggingConfig = param(default_factory=LoggingConfig, help="trackers and samples")
+
+    def validate(self) -> None:
+        problems = collect_field_problems(self)
+        problems += model_problems(self.model, "model")
+        if not self.data.path:
+            problems.append("data.path: required; give a hub dataset name or a local data file")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+
+def model_problems(model: ModelConfig, prefix: str) -> list[str]:
+    """The checks every stage makes on its ``model:`` block."""
+    problems = []
+    if (model.name_or_path is None) == (model.from_config is None):
+        problems.append(f"{prefix}: give exactly one of name_or_path (a checkpoint) or from_config (a fresh GPT-2)")
+    if model.from_config is not None:
+        if model.tokenizer is None:
+            problems.append(f"{prefix}.tokenizer: required with from_config (a fresh model has no tokenizer)")
+        arch = model.from_config
+        if arch.n_embd % arch.n_head:
+            problems.append(f"{prefix}.from_config.n_embd: {arch.n_embd} is not divisible by n_head={arch.n_head}")
+    return problems
+
+
+def collect_field_problems(config: Any, prefix: str = "") -> list[str]:
+    """Range and path checks declared with ``param(min=..., max=..., path_must_exist=...)``."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += collect_field_problems(value, key + ".")
+            continue
+        if value is None or isinstance(value, bool):
+            continue
+        low, high = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, (int, float)):
+            if low is not None and (value < low or (f.metadata.get("min_exclusive") and value == low)):
+                relation = ">" if f.metadata.get("min_exclusive") else ">="
+                problems.append(f"{key}: {value} is out of range; expected {relation} {low}")
+            elif high is not None and value > high:
+                problems.append(f"{key}: {value} is out of range; expected <= {high}")
+        if f.metadata.get("path_must_exist") and isinstance(value, str) and not os.path.exists(value):
+            problems.append(f"{key}: file '{value}' not found")
+    return problems
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(config_class: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """Read a YAML file into ``config_class``, apply ``key.sub=value`` overrides, validate.
+
+    Args:
+        config_class: a stage config dataclass, e.g. ``SFTConfig``.
+        path: YAML file; None starts from the defaults.
+        overrides: dotted assignments, each value parsed as YAML then checked against the field's type.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for override in overrides or []:
+        apply_override(raw, override)
+    config = from_dict(config_class, raw, source=path or "config")
+    config.validate()
+    return config
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"config file '{path}' not found")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config blocks at the top level, found {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` inside the nested dict ``raw`` (value parsed as YAML: 3e-5, true, [a, b])."""
+    if "=" not in override:
+        raise UserError(f"override '{override}': expected key.sub=value")
+    dotted_key, _, text = override.partition("=")
+    keys = dotted_key.strip().split(".")
+    if not all(keys):
+        raise UserError(f"override '{override}': empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def from_dict(config_class: type, raw: Any, source: str, prefix: str = "") -> Any:
+    """Build ``config_class`` from nested dicts, checking every key and type."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {where}: expected a mapping, found {describe(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    hints = typing.get_type_hints(config_class)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise UserError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    values = {name: coerce(hints[name], raw[name], source, f"{prefix}{name}") for name in fields if name in raw}
+    return config_class(**values)
+
+
+def coerce(expected: Any, value: Any, source: str, key: str) -> Any:
+    """Check ``value`` against the type annotation ``expected`` and convert where lossless."""
+    origin = typing.get_origin(expected)
+    args = typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return coerce(option, value, source, key)
+            except UserError as error:
+                errors.append(error)
+        if len(options) == 1:
+            raise errors[0]
+        raise UserError(f"{source}: {key}: expected {type_name(expected)}, got {describe(value)}")
+    if dataclasses.is_dataclass(expected):
+        if value is None:
+            raise UserError(f"{source}: {key}: expected a mapping, got null")
+        return from_dict(expected, value, source, key + ".")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{source}: {key}: '{value}' is not one of {', '.join(map(str, args))}{hint}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, tuple)):
+            value = [value] if isinstance(value, str) else list(value)
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key}: expected a list, got {describe(value)}")
+        return [coerce(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key}: expected a mapping, got {describe(value)}")
+        return {coerce(args[0], k, source, key): coerce(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: {key}: expected true or false, got {describe(value)}")
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{source}: {key}: expected an integer, got {describe(value)}")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML reads 3e-5 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{source}: {key}: expected a number, got {describe(value)}")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{source}: {key}: expected a string, got {describe(value)}")
+    if expected is Any:
+        return value
+    raise TypeError(f"unsupported config type {expected!r} for {key}")  # our bug, not the user's
+
+
+def describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}" if value is not None else "null"
+
+
+def type_name(expected: Any) -> str:
+    args = [a for a in typing.get_args(expected) if a is not type(None)]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for config.yaml and trackers)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str) -> None:
+    """Write the fully resolved config; ``rlhf <stage> --config path`` re-launches the same run."""
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(to_dict(config), handle, sort_keys=False, allow_unicode=True)
+    os.replace(tmp_path, path)
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'training': {'lr': 1}} -> {'training.lr': 1}``; lists and dicts become strings (tracker hparams)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict) and value and all(isinstance(v, (dict, int, float, str, bool, type(None), list)) for v in value.values()) and key != "columns":
+            flat.update(flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat

@@ -1,0 +1,156 @@
+"""One module builds every model from a ``model:`` config block.
+
+The policy is any Hugging Face causal LM (hub name or local directory, loaded with
+``AutoModelForCausalLM``) or a fresh GPT-2 built from an architecture block. Reward and
+value models are the same backbone with a scalar head (``rlhf.models.heads``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from rlhf.config import ArchitectureConfig, ModelConfig
+from rlhf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Added when a tokenizer has no pad token. It must differ from EOS: with pad == eos the usual
+# attention_mask = (ids != pad) hides every EOS, so the reward is read at the wrong token and
+# the policy learns never to stop (PPO-NOTES items 2 and 42).
+PAD_TOKEN = "<|pad|>"
+
+
+def load_tokenizer(model_config: ModelConfig):
+    """The tokenizer of ``model_config`` (``tokenizer`` or ``name_or_path``), with a dedicated pad token."""
+    source = model_config.tokenizer or model_config.name_or_path
+    key = "model.tokenizer" if model_config.tokenizer else "model.name_or_path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=model_config.trust_remote_code, revision=model_config.revision)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{key}: cannot load a tokenizer from '{source}' "
+                        f"(not a local tokenizer directory, and not reachable on the hub): {first_line(error)}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{key}: the tokenizer at '{source}' has no eos_token; responses must end with one")
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Give ``tokenizer`` a pad token distinct from EOS. Returns True when one was added.
+
+    Callers then resize the model's embeddings (``load_causal_lm`` does) so the new id exists.
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    logger.info("tokenizer had no dedicated pad token; added %s (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
+    return True
+
+
+def load_causal_lm(model_config: ModelConfig, tokenizer=None, seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """The policy: a causal LM in fp32 plus its tokenizer, embeddings sized to the tokenizer.
+
+    Args:
+        model_config: the ``model:`` block.
+        tokenizer: reuse this tokenizer (default: load the one the config names).
+        seed: seeds the initialisation of a fresh model and of new embedding rows.
+    """
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_config)
+    torch.manual_seed(seed)
+    if model_config.from_config is not None:
+        model = build_fresh_gpt2(model_config.from_config, tokenizer)
+    else:
+        model = from_pretrained_or_error(AutoModelForCausalLM, model_config)
+    fit_to_tokenizer(model, tokenizer)
+    if model_config.disable_dropout:
+        disable_dropout(model)
+    return model, tokenizer
+
+
+def from_pretrained_or_error(model_class, model_config: ModelConfig, **kwargs) -> PreTrainedModel:
+    """``model_class.from_pretrained`` in fp32, turning a bad path into one clear line."""
+    path = model_config.name_or_path
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise UserError(f"model.name_or_path: directory '{path}' not found")
+    try:
+        # fp32 master weights: mixed precision is accelerate's job, and RLHF logprobs must be fp32
+        # (PPO-NOTES item 38).
+        return model_class.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=model_config.trust_remote_code,
+            revision=model_config.revision, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        where = "local directory" if looks_local else "hub model"
+        raise UserError(f"model.name_or_path: cannot load '{path}' as a {where} with "
+                        f"{model_class.__name__}: {first_line(error)}") from None
+
+
+def build_fresh_gpt2(architecture: ArchitectureConfig, tokenizer) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 whose vocabulary is the tokenizer's."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=architecture.n_positions,
+        n_embd=architecture.n_embd,
+        n_layer=architecture.n_layer,
+        n_head=architecture.n_head,
+        resid_pdrop=architecture.dropout,
+        embd_pdrop=architecture.dropout,
+        attn_pdrop=architecture.dropout,
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def fit_to_tokenizer(model: PreTrainedModel, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer (an added pad token) and record the special ids."""
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0, so train() and eval() give the same outputs."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:  # also in the saved config, so a reload keeps it off
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout",
+                     "dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "summary_first_dropout"):
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
+
+
+def context_size(model: PreTrainedModel) -> int | None:
+    """The model's maximum sequence length, if its config states one."""
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_max_length(requested: int, model: PreTrainedModel) -> int:
+    """``requested`` capped at the model's context size (with a log line when it is cut)."""
+    limit = context_size(model)
+    if limit is not None and requested > limit:
+        logger.info("max_length %d exceeds the model's context size; using %d", requested, limit)
+        return limit
+    return requested
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,125 @@
+"""The scalar-head model: the shared backbone plus one linear output, for rewards and values.
+
+Stored as a Hugging Face sequence-classification model with one label (``score`` head), so
+``AutoModelForSequenceClassification.from_pretrained`` loads what we write. We call the trunk
+ourselves to pass position ids and to read the head at every token:
+
+- reward: the head read at the last non-padding token of prompt+response (the EOS);
+- value:  the head read at every token (the critic of PPO).
+
+Reward normalisation (mean 0 on a reference set, optionally std 1) lives in the saved config as
+``rlhf_reward_mean`` / ``rlhf_reward_std`` and is applied by ``score``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
+
+from rlhf.config import ModelConfig
+from rlhf.errors import UserError
+from rlhf.functional import exclusive_cumsum_positions, last_valid_index
+from rlhf.models.backbone import disable_dropout, fit_to_tokenizer, from_pretrained_or_error, build_fresh_gpt2
+
+
+class ScalarHeadModel(nn.Module):
+    """A sequence-classification model with one label, read at every token or at the last valid one."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        head = getattr(model, "score", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise UserError(f"{type(model).__name__}: expected a sequence-classification model with a one-label "
+                            "'score' head (num_labels=1)")
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.model.score
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Head output at every position, fp32, unnormalised.
+
+        Args:
+            input_ids: (batch, seq_len); pad positions may hold any id.
+            attention_mask: (batch, seq_len), 1 on real tokens; left, right or mixed padding.
+        Returns:
+            (batch, seq_len) scalars.
+        """
+        # Positions are the exclusive cumsum of the mask, so a token's position (and its output)
+        # does not depend on how much padding sits to its left (PPO-NOTES items 11, 41).
+        position_ids = exclusive_cumsum_positions(attention_mask)
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch,) head output at the last non-padding token, before normalisation."""
+        per_token = self(input_ids, attention_mask)
+        last = last_valid_index(attention_mask)
+        return per_token.gather(1, last.unsqueeze(1)).squeeze(1)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch,) reward: the raw score normalised with the statistics stored in the config."""
+        return self.normalize(self.raw_score(input_ids, attention_mask))
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        mean = getattr(self.config, "rlhf_reward_mean", 0.0) or 0.0
+        std = getattr(self.config, "rlhf_reward_std", 1.0) or 1.0
+        return (raw - mean) / std
+
+    def set_normalization(self, mean: float, std: float = 1.0) -> None:
+        """Store reward statistics in the config (saved with the model, applied by ``score``)."""
+        self.config.rlhf_reward_mean = float(mean)
+        self.config.rlhf_reward_std = float(std)
+
+    def init_head(self, how: str) -> None:
+        """'normal': N(0, 1/sqrt(d+1)) as in Ziegler et al. (PPO-NOTES item 3); 'zero': V = 0 at start."""
+        with torch.no_grad():
+            if how == "normal":
+                width = self.head.in_features
+                self.head.weight.normal_(0.0, 1.0 / math.sqrt(width + 1))
+            elif how == "zero":
+                self.head.weight.zero_()
+            else:
+                raise ValueError(f"unknown head init {how!r}")
+            if self.head.bias is not None:
+                self.head.bias.zero_()
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        self.model.save_pretrained(directory, **kwargs)
+
+
+def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | None = "normal",
+                      seed: int = 0) -> ScalarHeadModel:
+    """A scalar-head model from any causal-LM or sequence-classification checkpoint, or a fresh GPT-2.
+
+    Args:
+        model_config: the ``model:`` block (``name_or_path`` may be an SFT ``final/`` or an RM ``final/``).
+        tokenizer: the tokenizer (its pad id is written into the config, embeddings resized).
+        head_init: 'normal' or 'zero' re-initialises the head; None keeps a trained head
+            (loading a reward model).
+        seed: seeds the head initialisation.
+    """
+    torch.manual_seed(seed)
+    if model_config.from_config is not None:
+        lm = build_fresh_gpt2(model_config.from_config, tokenizer)
+        config = GPT2Config.from_dict({**lm.config.to_dict(), "num_labels": 1})
+        model = GPT2ForSequenceClassification(config)
+        model.transformer.load_state_dict(lm.transformer.state_dict())
+    else:
+        model = from_pretrained_or_error(AutoModelForSequenceClassification, model_config, num_labels=1)
+    fit_to_tokenizer(model, tokenizer)
+    if model_config.disable_dropout:
+        disable_dropout(model)
+    scalar_model = ScalarHeadModel(model)
+    if head_init is not None:
+        scalar_model.init_head(head_init)
+    return scalar_model

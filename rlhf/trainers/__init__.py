@@ -1,0 +1,1 @@
+"""One trainer per stage: sft.SFTTrainer (later reward.RewardTrainer, ppo.PPOTrainer)."""

@@ -1,0 +1,131 @@
+"""Stage 1: supervised fine-tuning (SFT) of a causal LM on demonstrations.
+
+The objective is the next-token cross-entropy on the response tokens (and EOS) only, as a
+token-level mean over the whole optimizer step (Ouyang et al. 2022, §3.5 "SFT").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.config import SFTConfig
+from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
+from rlhf.generation import generate_responses
+from rlhf.models import load_causal_lm, resolve_max_length
+from rlhf.training import RunDirectory, SupervisedLoop, build_accelerator, save_pretrained_atomic, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+class LanguageModelingObjective:
+    """Next-token loss summed over trained tokens; units = trained tokens, so the step loss is a token mean."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_sft(examples, self.pad_token_id)
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Position t predicts token t+1; log-softmax in fp32 whatever the autocast dtype.
+        targets = batch["labels"][:, 1:]
+        loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, {"loss": loss_sum.item()}
+
+    def summarize(self, sums: dict[str, float], units: float) -> dict[str, float]:
+        if units == 0:
+            return {}
+        loss = sums["loss"] / units
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+class SFTTrainer:
+    """Fine-tune a causal LM on prompt/response, chat or plain-text data.
+
+    Use from Python with your own objects, or let the config load them::
+
+        config = load_config(SFTConfig, "configs/sft.yaml", ["training.lr=3e-4"])
+        SFTTrainer(config).train()                      # everything from the config
+        SFTTrainer(config, model=my_model, tokenizer=my_tokenizer,
+                   train_dataset=my_dataset).train()    # bring your own (a datasets.Dataset of rows)
+
+    Args:
+        config: the stage config.
+        model, tokenizer: a causal LM and its tokenizer (default: built from ``config.model``).
+            A tokenizer without a dedicated pad token gets one; resize the model yourself if you
+            pass both, or pass only the tokenizer-less pair and let us build it.
+        train_dataset, eval_dataset: ``datasets.Dataset`` of rows in an SFT format (default: ``config.data``).
+    """
+
+    def __init__(self, config: SFTConfig, model=None, tokenizer=None, train_dataset=None, eval_dataset=None):
+        config.validate()
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+
+    def train(self, resume: bool = False) -> str:
+        """Train, write ``final/`` and samples; returns the path of ``final/``."""
+        config = self.config
+        run = RunDirectory(config.output_dir)
+        accelerator = build_accelerator(config.training, config.logging, run, config)
+        resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite, is_main=accelerator.is_main_process)
+
+        if self.model is None:
+            self.model, self.tokenizer = load_causal_lm(config.model, self.tokenizer, seed=config.training.seed)
+        elif self.tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        max_length = resolve_max_length(config.data.max_length, self.model)
+        train_examples, eval_examples = self.load_examples(max_length)
+
+        loop = SupervisedLoop(accelerator=accelerator, model=self.model,
+                              objective=LanguageModelingObjective(self.tokenizer.pad_token_id),
+                              train_examples=train_examples, eval_examples=eval_examples,
+                              training=config.training, run=run, progress_desc="sft")
+        logger.info("SFT: %d train / %d eval examples, %d optimizer steps", len(train_examples),
+                    len(eval_examples), loop.total_steps)
+        loop.train(resume_from=resume_from)
+
+        save_pretrained_atomic(accelerator, loop.model, self.tokenizer, run.final_dir)
+        if accelerator.is_main_process and config.logging.num_samples:
+            self.write_samples(accelerator.unwrap_model(loop.model), eval_examples or train_examples,
+                               run.path("samples.jsonl"))
+        accelerator.end_training()
+        logger.info("SFT done: %s", run.final_dir)
+        return run.final_dir
+
+    def load_examples(self, max_length: int) -> tuple[list[dict], list[dict]]:
+        data = self.config.data
+        if self.train_dataset is None:
+            return load_sft_examples(data, self.tokenizer, max_length, self.config.training.seed)
+        examples = []
+        for dataset, name in ((self.train_dataset, "train_dataset"), (self.eval_dataset, "eval_dataset")):
+            if dataset is None:
+                examples.append([])
+                continue
+            data_format = detect_sft_format(dataset, data.format, name)
+            tokenized, _ = tokenize_sft(dataset, self.tokenizer, data_format, max_length, data.train_on_prompt, name)
+            examples.append(tokenized)
+        return examples[0], examples[1]
+
+    def write_samples(self, model, examples: list[dict], path: str) -> None:
+        """Greedy continuations of the first eval prompts, with the reference response."""
+        chosen = examples[: self.config.logging.num_samples]
+        prompts = [prompt_of(e) for e in chosen]
+        responses = generate_responses(model, self.tokenizer, prompts, self.config.logging.max_new_tokens)
+        rows = []
+        for example, prompt, response in zip(chosen, prompts, responses):
+            reference = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+            rows.append({"prompt": self.tokenizer.decode(prompt, skip_special_tokens=True), "response": response,
+                         "reference": self.tokenizer.decode(reference, skip_special_tokens=True)})
+        write_jsonl(path, rows)

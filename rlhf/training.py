@@ -1,0 +1,467 @@
+"""Plumbing shared by every stage: accelerator, schedule, data order, checkpoints, metrics, the loop.
+
+A stage's trainer keeps its algorithm in view; everything here is the same for all stages:
+
+- ``RunDirectory``: the run directory of DESIGN.md (config.yaml, metrics.jsonl, checkpoints/, final/),
+  atomic writes, finding the newest complete checkpoint.
+- ``build_accelerator`` / ``create_optimizer`` / ``create_scheduler`` / ``optimizer_step``.
+- ``MicroBatchOrder``: a deterministic, resumable order of micro-batches over epochs.
+- ``SupervisedLoop``: the gradient-accumulating loop SFT and the reward model share; each
+  stage passes the loss it minimises (``SupervisedObjective``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from rlhf.config import LoggingConfig, TrainingConfig, flatten, save_config, to_dict
+from rlhf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- run directory
+
+class RunDirectory:
+    """``<output_dir>/{config.yaml, metrics.jsonl, checkpoints/step-N/, final/}`` with atomic writes."""
+
+    def __init__(self, output_dir: str):
+        self.root = output_dir
+        self.config_path = os.path.join(output_dir, "config.yaml")
+        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        self.checkpoints_dir = os.path.join(output_dir, "checkpoints")
+        self.final_dir = os.path.join(output_dir, "final")
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def has_run(self) -> bool:
+        return os.path.isdir(self.final_dir) or self.latest_checkpoint() is not None
+
+    def prepare(self, config: Any, resume: bool, overwrite: bool, is_main: bool) -> str | None:
+        """Create the directory and write config.yaml; return the checkpoint to resume from, if any.
+
+        A directory that already holds a run is never clobbered silently: the user resumes it or
+        says overwrite.
+        """
+        checkpoint = self.latest_checkpoint() if resume else None
+        if not resume and self.has_run() and not overwrite:
+            raise UserError(f"output_dir: '{self.root}' already holds a run; pass --resume to continue it, "
+                            "or choose another output_dir")
+        if is_main:
+            if overwrite and not resume and os.path.isdir(self.root):
+                for name in ("checkpoints", "final", "metrics.jsonl", "samples.jsonl"):
+                    target = self.path(name)
+                    shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else (
+                        os.path.exists(target) and os.remove(target))
+            os.makedirs(self.root, exist_ok=True)
+            save_config(config, self.config_path)
+        return checkpoint
+
+    def checkpoint_dir(self, step: int) -> str:
+        return os.path.join(self.checkpoints_dir, f"step-{step}")
+
+    def complete_checkpoints(self) -> list[tuple[int, str]]:
+        """(step, path) of every complete checkpoint, oldest first (incomplete ones are never renamed into place)."""
+        if not os.path.isdir(self.checkpoints_dir):
+            return []
+        found = []
+        for name in os.listdir(self.checkpoints_dir):
+            path = os.path.join(self.checkpoints_dir, name)
+            if name.startswith("step-") and name[5:].isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
+                found.append((int(name[5:]), path))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> str | None:
+        checkpoints = self.complete_checkpoints()
+        return checkpoints[-1][1] if checkpoints else None
+
+
+def atomic_directory(final_path: str, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp_dir)`` then rename tmp_dir to ``final_path``: readers never see half a directory."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(parent, f".tmp-{os.path.basename(final_path)}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp_dir)
+        if os.path.exists(final_path):  # replace: move the old one aside first, delete it after the rename
+            old = os.path.join(parent, f".old-{os.path.basename(final_path)}-{uuid.uuid4().hex[:8]}")
+            os.rename(final_path, old)
+            os.rename(tmp_dir, final_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, final_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def save_pretrained_atomic(accelerator: Accelerator, model: torch.nn.Module, tokenizer, final_dir: str) -> None:
+    """Write ``model`` (unwrapped from DDP/FSDP) and ``tokenizer`` in Hugging Face format, atomically."""
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards; every process calls it
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+
+        def write(directory: str) -> None:
+            unwrapped.save_pretrained(directory, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
+
+        atomic_directory(final_dir, write)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- accelerator, optimizer, schedule
+
+def resolve_mixed_precision(setting: str) -> str:
+    """'auto' means bf16 where the device supports it (a recent GPU), fp32 otherwise."""
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if setting == "fp16" and not torch.cuda.is_available():
+        raise UserError("training.mixed_precision: fp16 needs a GPU; use 'no' or 'bf16' on CPU")
+    return setting
+
+
+def build_accelerator(training: TrainingConfig, logging_config: LoggingConfig, run: RunDirectory,
+                      config: Any) -> Accelerator:
+    """An ``Accelerator`` (device, DDP/FSDP/DeepSpeed from ``accelerate launch``), seeded, trackers started."""
+    trackers = list(logging_config.report_to)
+    for tracker in trackers:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(tracker)
+        if module is None:
+            raise UserError(f"logging.report_to: unknown tracker '{tracker}'; expected tensorboard or wandb")
+        try:
+            __import__(module)
+        except ImportError:
+            raise UserError(f"logging.report_to: {tracker} is not installed; pip install 'rlhf[tracking]'") from None
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision),
+                              log_with=trackers or None, project_dir=run.root)
+    set_seed(training.seed + accelerator.process_index)  # a different stream per process (PPO-NOTES 16)
+    if trackers:
+        run_name = logging_config.run_name or os.path.basename(os.path.normpath(run.root))
+        accelerator.init_trackers(logging_config.project, config=flatten(to_dict(config)),
+                                  init_kwargs={"wandb": {"name": run_name}})
+    return accelerator
+
+
+def create_optimizer(parameters, training: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms (their scale is not a capacity knob)."""
+    named = [(name, p) for name, p in parameters if p.requires_grad]
+    decay = [p for name, p in named if p.ndim >= 2]
+    no_decay = [p for name, p in named if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": training.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr,
+                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
+    """The lr at optimizer step ``step`` as a share of the peak: linear warmup, then the decay ``kind``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if kind == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig, total_steps: int):
+    warmup_steps = int(round(training.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+        step, total_steps, warmup_steps, training.lr_scheduler, training.min_lr_ratio))
+
+
+def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler, max_grad_norm: float | None) -> float:
+    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+# ----------------------------------------------------------------------------- data order
+
+class MicroBatchOrder:
+    """A deterministic stream of micro-batches over repeated epochs, addressable by position.
+
+    Epoch ``e`` visits the examples in ``randperm(seed + e)`` order, cut into global micro-batches
+    of ``batch_size × num_processes`` examples; each process takes its own slice. Micro-batch ``m``
+    of the stream is a pure function of ``m``, so resuming at a step needs no replay of data.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True,
+                 num_processes: int = 1, process_index: int = 0):
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_processes = num_processes
+        self.process_index = process_index
+        global_batch = batch_size * num_processes
+        # With several processes an uneven last batch would leave a rank without data; drop it.
+        self.micro_batches_per_epoch = (num_examples // global_batch if num_processes > 1
+                                        else math.ceil(num_examples / global_batch))
+        if self.micro_batches_per_epoch == 0:
+            raise UserError(f"training.batch_size: {num_examples} examples cannot fill one batch of "
+                            f"{batch_size} × {num_processes} processes; lower the batch size")
+        self._epoch_cache: tuple[int, list[int]] | None = None
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.num_examples, generator=generator).tolist()
+            else:
+                order = list(range(self.num_examples))
+            self._epoch_cache = (epoch, order)
+        return self._epoch_cache[1]
+
+    def indices(self, micro_batch: int) -> list[int]:
+        """Example indices of stream position ``micro_batch`` for this process."""
+        epoch, position = divmod(micro_batch, self.micro_batches_per_epoch)
+        global_batch = self.batch_size * self.num_processes
+        start = position * global_batch + self.process_index * self.batch_size
+        return self.epoch_order(epoch)[start:start + self.batch_size]
+
+    def epoch_at(self, micro_batch: int) -> float:
+        return micro_batch / self.micro_batches_per_epoch
+
+
+def evaluation_batches(num_examples: int, batch_size: int, num_processes: int = 1,
+                       process_index: int = 0) -> Iterator[list[int]]:
+    """Index batches over an evaluation set in order, split across processes (every example once)."""
+    for start in range(process_index * batch_size, num_examples, batch_size * num_processes):
+        yield list(range(start, min(start + batch_size, num_examples)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run is: enough, with the accelerator's state, to continue it exactly."""
+
+    step: int = 0  # optimizer steps done; also the data position (step × accumulation micro-batches)
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    extra: dict | None = None  # stage-specific resumable values (PPO's KL coefficient, ...)
+
+
+def save_checkpoint(accelerator: Accelerator, run: RunDirectory, state: TrainState, keep: int) -> str:
+    """Save model, optimizer, scheduler, RNG states (accelerate) and ``state``; keep the newest ``keep``.
+
+    Written into a temporary directory and renamed, so a kill mid-save leaves the previous
+    checkpoint as the newest complete one.
+    """
+    target = run.checkpoint_dir(state.step)
+    tmp_dir = os.path.join(run.checkpoints_dir, f".tmp-step-{state.step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp_dir)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp_dir, STATE_FILE), "w", encoding="utf-8") as handle:
+            json.dump(asdict(state), handle)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp_dir, target)
+        for _, old in run.complete_checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint_dir: str) -> TrainState:
+    accelerator.load_state(checkpoint_dir)
+    with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as handle:
+        return TrainState(**json.load(handle))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricsLogger:
+    """Appends one JSON line per logged step to metrics.jsonl and forwards to the trackers."""
+
+    def __init__(self, accelerator: Accelerator, path: str, resume_step: int | None = None):
+        self.accelerator = accelerator
+        self.path = path
+        if accelerator.is_main_process and resume_step is not None and os.path.exists(path):
+            # Drop lines logged after the checkpoint we resume from; they will be logged again.
+            with open(path, encoding="utf-8") as handle:
+                kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.writelines(kept)
+
+    def log(self, step: int, metrics: dict[str, float], epoch: float | None = None) -> None:
+        record = {"step": step}
+        if epoch is not None:
+            record["epoch"] = round(epoch, 4)
+        record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()})
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp_path, path)
+
+
+# ----------------------------------------------------------------------------- the supervised loop
+
+class SupervisedObjective(Protocol):
+    """What a stage minimises. SFT: next-token loss over response tokens; RM: pairwise ranking loss."""
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Turn examples into one padded batch (tensors on CPU)."""
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many units (tokens, prompts) the batch's loss averages over, known before the forward."""
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss summed over the batch's units, and statistics (sums) to report."""
+
+    def summarize(self, sums: dict[str, float], units: float) -> dict[str, float]:
+        """Turn summed statistics into reported metrics (e.g. loss = sum / units)."""
+
+
+class SupervisedLoop:
+    """Minimise an objective over examples with gradient accumulation, checkpoints and logging.
+
+    Accumulation is exact: each micro-batch's loss sum is divided by the units of the whole
+    optimizer step (all micro-batches, all processes), so batch 8 equals batch 2 × 4
+    accumulation steps, and a token-level mean stays a token-level mean.
+    """
+
+    def __init__(self, *, accelerator: Accelerator, model: torch.nn.Module, objective: SupervisedObjective,
+                 train_examples: list[dict], eval_examples: list[dict], training: TrainingConfig,
+                 run: RunDirectory, progress_desc: str):
+        self.accelerator = accelerator
+        self.objective = objective
+        self.train_examples = train_examples
+        self.eval_examples = eval_examples
+        self.training = training
+        self.run = run
+        self.progress_desc = progress_desc
+        self.order = MicroBatchOrder(len(train_examples), training.batch_size, training.seed,
+                                     num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+        accumulation = training.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(self.order.micro_batches_per_epoch / accumulation)
+        self.total_steps = training.max_steps or max(1, math.ceil(training.num_epochs * steps_per_epoch))
+        optimizer = create_optimizer(model.named_parameters(), training)
+        self.scheduler = create_scheduler(optimizer, training, self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+
+    def micro_batch(self, position: int) -> dict[str, torch.Tensor]:
+        examples = [self.train_examples[i] for i in self.order.indices(position)]
+        return {k: v.to(self.accelerator.device) for k, v in self.objective.collate(examples).items()}
+
+    def train(self, resume_from: str | None = None, on_log: Callable[[int, dict], None] | None = None) -> TrainState:
+        """Run to ``total_steps`` (continuing from ``resume_from``); returns the final state."""
+        accelerator, training = self.accelerator, self.training
+        state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState()
+        if resume_from:
+            logger.info("resumed from %s at step %d", resume_from, state.step)
+        metrics_logger = MetricsLogger(accelerator, self.run.metrics_path, resume_step=state.step if resume_from else None)
+        if state.step == 0:
+            metrics_logger.log(0, prefix("eval/", self.evaluate()), epoch=0.0)
+        progress = tqdm(total=self.total_steps, initial=state.step, desc=self.progress_desc,
+                        disable=not accelerator.is_main_process, dynamic_ncols=True)
+        window_sums: dict[str, float] = {}
+        window_units, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        self.model.train()
+        while state.step < self.total_steps:
+            # ---- one optimizer step over `accumulation` micro-batches
+            first = state.step * training.gradient_accumulation_steps
+            batches = [self.micro_batch(first + i) for i in range(training.gradient_accumulation_steps)]
+            local_units = sum(self.objective.count_units(b) for b in batches)
+            step_units = float(accelerator.reduce(torch.tensor(local_units, device=accelerator.device, dtype=torch.float64), "sum"))
+            for i, batch in enumerate(batches):
+                is_last = i == len(batches) - 1
+                with accelerator.no_sync(self.model) if not is_last else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        loss_sum, stats = self.objective.loss_sum(self.model, batch)
+                    # DDP averages gradients over processes, hence × num_processes.
+                    accelerator.backward(loss_sum * accelerator.num_processes / max(step_units, 1.0))
+                for key, value in stats.items():
+                    window_sums[key] = window_sums.get(key, 0.0) + value
+                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                state.examples_seen += len(next(iter(batch.values())))
+            window_units += local_units
+            lr = self.scheduler.get_last_lr()[0]
+            grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, training.max_grad_norm)
+            state.step += 1
+            progress.update(1)
+
+            # ---- log, evaluate, checkpoint
+            if state.step % training.log_every == 0 or state.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = self.objective.summarize(window_sums, window_units)
+                metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens * accelerator.num_processes / max(elapsed, 1e-9))
+                state.tokens_seen += window_tokens
+                metrics_logger.log(state.step, metrics, epoch=self.order.epoch_at(first + training.gradient_accumulation_steps))
+                progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "tokens_per_s") if k in metrics})
+                if on_log is not None:
+                    on_log(state.step, metrics)
+                window_sums, window_units, window_tokens, window_start = {}, 0.0, 0, time.perf_counter()
+            is_last_step = state.step == self.total_steps
+            if (training.eval_every and state.step % training.eval_every == 0) or is_last_step:
+                metrics_logger.log(state.step, prefix("eval/", self.evaluate()))
+            if training.save_every and state.step % training.save_every == 0 and not is_last_step:
+                save_checkpoint(accelerator, self.run, state, training.keep_checkpoints)
+        progress.close()
+        return state
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective's metrics on the evaluation examples (empty when there are none)."""
+        if not self.eval_examples:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, float] = {}
+        units = 0.0
+        batch_size = self.training.eval_batch_size or self.training.batch_size
+        for indices in evaluation_batches(len(self.eval_examples), batch_size, self.accelerator.num_processes,
+                                          self.accelerator.process_index):
+            batch = {k: v.to(self.accelerator.device)
+                     for k, v in self.objective.collate([self.eval_examples[i] for i in indices]).items()}
+            with self.accelerator.autocast():
+                loss_sum, stats = self.objective.loss_sum(self.model, batch)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            units += self.objective.count_units(batch)
+        sums = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.accelerator.device, dtype=torch.float64), "sum"))
+                for k, v in sorted(sums.items())}
+        units = float(self.accelerator.reduce(torch.tensor(units, device=self.accelerator.device, dtype=torch.float64), "sum"))
+        self.model.train(was_training)
+        return self.objective.summarize(sums, units)
+
+
+def prefix(name: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{name}{k}": v for k, v in metrics.items()}
