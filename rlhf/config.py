@@ -143,6 +143,88 @@ class SFTConfig:
             raise UserError("; ".join(problems))
 
 
+# ----------------------------------------------------------------------------- reward model (stage 2)
+
+# Our column names in preference data (data.columns maps them to the dataset's); see rlhf/preference.py.
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "responses", "ranking", "margin")
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Human comparisons: ``{prompt, chosen, rejected}``, HH conversations, or K-way rankings."""
+
+    path: str = param("", help="hub dataset name, or a local .json/.jsonl/.csv/.parquet file or directory")
+    split: str = param("train", help="split to read from path")
+    eval_path: str | None = param(None, help="separate evaluation comparisons (same format); default: split off eval_fraction")
+    eval_split: str = param("train", help="split to read from eval_path")
+    eval_fraction: float = param(0.05, help="share of the training prompts held out for evaluation when eval_path is unset",
+                                 min=0.0, max=0.5)
+    columns: dict[str, str] = param(default_factory=dict, help=(
+        "map from our column names (prompt, chosen, rejected, responses, ranking, margin) to the dataset's"))
+    format: Literal["auto", "pairwise", "conversation", "ranking"] = param("auto", help=(
+        "pairwise {prompt, chosen, rejected}; conversation {chosen, rejected} sharing the prompt as prefix; "
+        "ranking {prompt, responses, ranking} best first; auto picks it from the columns present"))
+    max_length: int = param(512, help=(
+        "maximum tokens of prompt + response + EOS; longer responses are never truncated (the score must be read "
+        "at the EOS) but dropped with their pairs and counted (capped at the model's context size)"), min=2)
+    max_samples: int | None = param(None, help="use only the first N training rows (quick experiments)", min=1)
+    assistant_marker: str = param("\n\nAssistant:", help=(
+        "conversation format: the prompt ends after the last such marker inside the shared prefix "
+        "(otherwise at the last whitespace before the texts differ)"))
+    group_by_prompt: bool = param(True, help=(
+        "merge rows with the same prompt into one example: each response is scored once and the prompt's "
+        "pairs are averaged, so a prompt counts once (InstructGPT)"))
+
+
+@dataclass
+class NormalizationConfig:
+    """Centring (and scaling) the trained reward so the reference responses score mean 0 (PPO-NOTES item 6)."""
+
+    set: str = param("eval", help=(
+        "eval: the eval prompts with their chosen responses; train: same on the training data; "
+        "a .json/.jsonl/.csv/.parquet file of {prompt, response} rows (e.g. the SFT demonstrations); none: no normalisation"))
+    scale: bool = param(False, help="also divide by the standard deviation on that set (std 1), not only centre")
+    max_samples: int | None = param(None, help="use at most this many responses of the set", min=1)
+
+
+@dataclass
+class RewardConfig:
+    """Stage 2: a reward model trained on human comparisons with the pairwise ranking loss."""
+
+    output_dir: str = param("runs/rm", help="run directory (config.yaml, metrics.jsonl, checkpoints/, final/)")
+    overwrite: bool = param(False, help="replace a finished or started run in output_dir instead of refusing")
+    model: ModelConfig = param(default_factory=lambda: ModelConfig(name_or_path="runs/sft/final"),
+                               help="backbone to start from (default: the SFT stage's final/); the scalar head is new")
+    data: PreferenceDataConfig = param(default_factory=PreferenceDataConfig, help="comparisons")
+    training: TrainingConfig = param(default_factory=TrainingConfig, help=(
+        "optimisation; batch_size counts prompts (each with all its responses and pairs), and "
+        "InstructGPT trains a single epoch: more overfits"))
+    logging: LoggingConfig = param(default_factory=LoggingConfig, help=(
+        "trackers; num_samples eval prompts are written with their responses' rewards to samples.jsonl"))
+    normalization: NormalizationConfig = param(default_factory=NormalizationConfig, help="reward centring after training")
+
+    def validate(self) -> None:
+        problems = collect_field_problems(self)
+        problems += model_problems(self.model, "model")
+        if not self.data.path:
+            problems.append("data.path: required; give a hub dataset name or a local preference data file")
+        for ours in self.data.columns:
+            if ours not in PREFERENCE_COLUMNS:
+                close = difflib.get_close_matches(ours, PREFERENCE_COLUMNS, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"expected one of {', '.join(PREFERENCE_COLUMNS)}"
+                problems.append(f"data.columns.{ours}: not a preference column; {hint}")
+        norm_set = self.normalization.set
+        if norm_set not in ("eval", "train", "none") and not os.path.exists(norm_set):
+            problems.append(f"normalization.set: '{norm_set}' is not eval, train or none, and no such file exists")
+        if norm_set == "eval" and not self.data.eval_path and self.data.eval_fraction == 0:
+            problems.append("normalization.set: 'eval' needs evaluation data; set data.eval_path or "
+                            "data.eval_fraction > 0, or use normalization.set=train")
+        if self.normalization.scale and norm_set == "none":
+            problems.append("normalization.scale: true needs a normalization.set other than none")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
 # ----------------------------------------------------------------------------- cross-field checks
 
 def model_problems(model: ModelConfig, prefix: str) -> list[str]:
@@ -362,3 +444,123 @@ def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = str(value)
     return flat
+
+
+# ----------------------------------------------------------------------------- PPO (stage 3)
+
+@dataclass
+class RewardSourceConfig:
+    """Where episode scores come from: a trained reward model, or a Python function."""
+
+    model_path: str | None = param(None, help="reward model final/ (its stored normalisation is applied)")
+    function: str | None = param(None, help="'module:function' called as f(prompts, responses) -> list of floats")
+
+
+@dataclass
+class CriticConfig:
+    """The value model: the backbone plus a scalar head read at every token."""
+
+    init: Literal["reward", "policy"] = param(
+        "reward", help="reward: start from the reward model (default); policy: the SFT policy with a zero head")
+    name_or_path: str | None = param(None, help="initialise from this checkpoint instead (a reward-model final/)")
+
+
+@dataclass
+class PromptDataConfig:
+    """Prompts for rollouts: ``{prompt}`` or ``{messages}`` rows."""
+
+    path: str = param("", help="hub dataset name, or a local .json/.jsonl/.csv/.parquet file or directory")
+    split: str = param("train", help="split to read from path")
+    columns: dict[str, str] = param(default_factory=dict, help="map from our column names to the dataset's")
+    max_prompt_length: int = param(64, help="prompts longer than this many tokens are skipped (counted)", min=1)
+    max_samples: int | None = param(None, help="use only the first N prompts", min=1)
+
+
+@dataclass
+class SamplingConfig:
+    """How the policy samples responses during rollouts (PPO-NOTES 9–14)."""
+
+    max_new_tokens: int = param(32, help="response length limit in tokens", min=1)
+    temperature: float = param(0.7, help="sampling temperature; logprobs everywhere use the same one", min=0.0, min_exclusive=True)
+    top_k: int = param(0, help="0 = off; anything else changes the behaviour distribution (PPO-NOTES 9)", min=0)
+    top_p: float = param(1.0, help="1.0 = off", min=0.0, max=1.0, min_exclusive=True)
+    missing_eos_penalty: float | None = param(
+        1.0, help="subtracted from the score of a response that never emits EOS (null: none)")
+
+
+@dataclass
+class PPOHyperparameters:
+    """The algorithm's knobs (defaults: PPO-NOTES §5, after N+/TRL)."""
+
+    rollout_batch_size: int = param(64, help="episodes sampled per PPO step", min=1)
+    forward_batch_size: int = param(16, help="episodes per generation / scoring forward (memory knob only)", min=1)
+    num_ppo_epochs: int = param(4, help="passes over each rollout batch", min=1)
+    num_minibatches: int = param(1, help="minibatches (optimizer steps) per epoch", min=1)
+    gamma: float = param(1.0, help="discount", min=0.0, max=1.0)
+    lam: float = param(0.95, help="GAE lambda", min=0.0, max=1.0)
+    clip_eps: float = param(0.2, help="policy ratio clip ε", min=0.0, min_exclusive=True)
+    value_clip_eps: float = param(0.2, help="value clip ε_v, in reward units", min=0.0, min_exclusive=True)
+    vf_coef: float = param(0.1, help="value loss coefficient c_v", min=0.0)
+    entropy_coef: float = param(0.0, help="entropy bonus coefficient (0 in the references; logged anyway)", min=0.0)
+    kl_coef: float = param(0.05, help="β: per-token KL penalty in the reward (initial value when adaptive)", min=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = param("k1", help="per-token KL estimator in the reward (PPO-NOTES 18)")
+    adaptive_kl: bool = param(False, help="adapt β with the proportional controller of Ziegler et al.")
+    target_kl: float = param(6.0, help="target summed KL per sequence for the adaptive controller", min=0.0, min_exclusive=True)
+    kl_horizon: int = param(10000, help="controller horizon in episodes", min=1)
+    whiten_advantages: bool = param(True, help="normalise advantages over the rollout batch")
+    logprobs_from_generation: bool = param(
+        False, help="take rollout logprobs from sampling instead of a second forward (needs top_k=0, top_p=1)")
+    ptx_coef: float = param(0.0, help="γ_ptx: weight of the pretraining/SFT NLL term (PPO-ptx, InstructGPT)", min=0.0)
+    ptx_data: str | None = param(None, help="SFT-format data file for the ptx term")
+    ptx_batch_size: int = param(8, help="ptx examples per minibatch", min=1)
+    separate_optimizers: bool = param(True, help="separate AdamW for critic (critic_lr) instead of one for both")
+    critic_lr: float | None = param(None, help="critic learning rate (default: training.lr)", min=0.0)
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3: PPO against a reward model (or function) with a KL penalty to the frozen SFT reference."""
+
+    output_dir: str = param("runs/ppo", help="run directory (config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/)")
+    overwrite: bool = param(False, help="replace a finished or started run in output_dir instead of refusing")
+    policy: ModelConfig = param(default_factory=ModelConfig, help="the SFT policy (also the frozen reference)")
+    reward: RewardSourceConfig = param(default_factory=RewardSourceConfig, help="the score of an episode")
+    critic: CriticConfig = param(default_factory=CriticConfig, help="the value model")
+    data: PromptDataConfig = param(default_factory=PromptDataConfig, help="prompts")
+    sampling: SamplingConfig = param(default_factory=SamplingConfig, help="rollout sampling")
+    ppo: PPOHyperparameters = param(default_factory=PPOHyperparameters, help="algorithm")
+    training: TrainingConfig = param(default_factory=TrainingConfig, help=(
+        "optimisation: lr, schedule, clipping, seed, checkpoints; batch_size = episodes per micro-batch of the "
+        "update (gradient accumulation inside a minibatch); max_steps or num_epochs (over the prompts) bound the run"))
+    logging: LoggingConfig = param(default_factory=LoggingConfig, help="trackers and samples.jsonl")
+
+    def validate(self) -> None:
+        problems = collect_field_problems(self)
+        problems += model_problems(self.policy, "policy")
+        if not self.data.path:
+            problems.append("data.path: required; give a prompt dataset")
+        if (self.reward.model_path is None) == (self.reward.function is None):
+            problems.append("reward: give exactly one of model_path (a reward model) or function ('module:function')")
+        if self.reward.function is not None and ":" not in self.reward.function:
+            problems.append(f"reward.function: '{self.reward.function}' is not of the form module:function")
+        if self.critic.init == "reward" and self.critic.name_or_path is None and self.reward.model_path is None:
+            problems.append("critic.init: 'reward' needs reward.model_path (or critic.name_or_path); "
+                            "with a reward function use critic.init=policy")
+        ppo = self.ppo
+        if ppo.rollout_batch_size % ppo.num_minibatches:
+            problems.append(f"ppo.num_minibatches: rollout_batch_size={ppo.rollout_batch_size} is not divisible by "
+                            f"num_minibatches={ppo.num_minibatches}")
+        else:
+            minibatch = ppo.rollout_batch_size // ppo.num_minibatches
+            if minibatch % self.training.batch_size:
+                problems.append(f"training.batch_size: the minibatch of {minibatch} episodes is not divisible by "
+                                f"batch_size={self.training.batch_size}")
+        if ppo.logprobs_from_generation and (self.sampling.top_k or self.sampling.top_p < 1.0):
+            problems.append("ppo.logprobs_from_generation: only valid with top_k=0 and top_p=1 (PPO-NOTES 37)")
+        if ppo.ptx_coef > 0 and not ppo.ptx_data:
+            problems.append("ppo.ptx_data: required when ppo.ptx_coef > 0")
+        if self.training.gradient_accumulation_steps != 1:
+            problems.append("training.gradient_accumulation_steps: PPO derives accumulation from "
+                            "ppo.num_minibatches and training.batch_size; leave it at 1")
+        if problems:
+            raise UserError("; ".join(problems))

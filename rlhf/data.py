@@ -303,3 +303,36 @@ def collate_sft(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
     attention_mask = pad_right([[1] * len(e["input_ids"]) for e in examples], 0)
     labels = pad_right([e["labels"] for e in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- prompts (PPO)
+
+def tokenize_prompts(table, tokenizer, max_prompt_length: int, path: str) -> tuple[list[str], list[list[int]]]:
+    """Prompt texts and token ids from ``{prompt}`` or ``{messages}`` rows; too-long prompts are counted and skipped.
+
+    A ``messages`` row is rendered with the chat template and the generation prompt, so the
+    policy answers as the assistant.
+    """
+    if "prompt" in table.column_names:
+        texts = [check_text(row, "prompt", i, path) for i, row in enumerate(table)]
+    elif "messages" in table.column_names:
+        ensure_chat_template(tokenizer)
+        texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+                 for row in table]
+    else:
+        raise UserError(f"data: prompts need a 'prompt' or 'messages' column, not found in '{path}'; it has "
+                        f"{quote(table.column_names)} (map yours with data.columns)")
+    kept_texts, kept_ids = [], []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens="messages" not in table.column_names)["input_ids"]
+        if 0 < len(ids) <= max_prompt_length:
+            kept_texts.append(text)
+            kept_ids.append(ids)
+    skipped = len(texts) - len(kept_ids)
+    if skipped:
+        logger.warning("%s: skipped %d of %d prompts longer than max_prompt_length=%d (or empty)", path, skipped,
+                       len(texts), max_prompt_length)
+    if not kept_ids:
+        raise UserError(f"data: every prompt of '{path}' is empty or longer than data.max_prompt_length="
+                        f"{max_prompt_length}; raise it")
+    return kept_texts, kept_ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from rlhf.data import pad_left
@@ -33,3 +35,71 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
             responses.append(tokenizer.decode([t for t in row if t != tokenizer.pad_token_id], skip_special_tokens=True))
     model.train(was_training)
     return responses
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the top-k and outside the nucleus of mass top_p.
+
+    Args:
+        logits: (batch, vocab), already divided by the temperature.
+        top_k: keep the k largest (0 = off).
+        top_p: keep the smallest set whose probability reaches top_p (1.0 = off).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                         temperature: float, top_k: int, top_p: float, eos_token_id: int, pad_token_id: int,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses with a KV cache, returning the tokens and their logprobs under log softmax(z/τ).
+
+    Rows stop at their first EOS (later tokens are ``pad_token_id``); the loop ends when every
+    row has stopped or after ``max_new_tokens``. Position ids are the exclusive cumsum of the
+    mask, as in every other forward (PPO-NOTES 11). The logprobs are of the temperature-scaled
+    distribution *before* top-k/top-p, i.e. the same function the training forward computes.
+
+    Args:
+        prompt_ids: (batch, prompt_len) left-padded prompts.
+        prompt_mask: (batch, prompt_len), 1 on real prompt tokens.
+    Returns:
+        response_ids (batch, response_len) and logprobs (batch, response_len), response_len ≤ max_new_tokens.
+    """
+    from rlhf.functional import exclusive_cumsum_positions
+
+    # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    attention_mask = prompt_mask.clone()
+    positions = exclusive_cumsum_positions(attention_mask)
+    output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    cache, next_logits = output[cache_argument], output.logits[:, -1]
+    next_position = attention_mask.sum(-1, keepdim=True)
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        scaled = next_logits.float() / temperature
+        probabilities = filter_logits(scaled, top_k, top_p).softmax(-1)
+        token = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        token_logprob = scaled.log_softmax(-1).gather(1, token.unsqueeze(1)).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        logprobs.append(token_logprob)
+        finished |= token == eos_token_id
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        output = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
+                       use_cache=True, **{cache_argument: cache})
+        cache, next_logits = output[cache_argument], output.logits[:, -1]
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

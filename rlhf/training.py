@@ -305,12 +305,8 @@ class MetricsLogger:
     def __init__(self, accelerator: Accelerator, path: str, resume_step: int | None = None):
         self.accelerator = accelerator
         self.path = path
-        if accelerator.is_main_process and resume_step is not None and os.path.exists(path):
-            # Drop lines logged after the checkpoint we resume from; they will be logged again.
-            with open(path, encoding="utf-8") as handle:
-                kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.writelines(kept)
+        if accelerator.is_main_process and resume_step is not None:
+            truncate_jsonl(path, resume_step)
 
     def log(self, step: int, metrics: dict[str, float], epoch: float | None = None) -> None:
         record = {"step": step}
@@ -321,6 +317,16 @@ class MetricsLogger:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep the lines of ``path`` with step ≤ last_step: a resumed run logs the later steps again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:

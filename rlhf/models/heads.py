@@ -13,6 +13,7 @@ Reward normalisation (mean 0 on a reference set, optionally std 1) lives in the 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -92,6 +93,18 @@ class ScalarHeadModel(nn.Module):
                 raise ValueError(f"unknown head init {how!r}")
             if self.head.bias is not None:
                 self.head.bias.zero_()
+
+    @classmethod
+    def from_causal_lm(cls, causal_lm: PreTrainedModel, head_init: str = "zero") -> "ScalarHeadModel":
+        """A scalar-head model on a copy of ``causal_lm``'s trunk (the critic initialised from the policy)."""
+        config = copy.deepcopy(causal_lm.config)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+        model.base_model.load_state_dict(causal_lm.base_model.state_dict())
+        model.to(next(causal_lm.parameters()).device)
+        scalar_model = cls(model)
+        scalar_model.init_head(head_init)
+        return scalar_model
 
     def save_pretrained(self, directory: str, **kwargs) -> None:
         self.model.save_pretrained(directory, **kwargs)

@@ -1,0 +1,530 @@
+"""Stage 3: PPO against a reward model, with a KL penalty to the frozen SFT reference.
+
+One PPO step, in paper order (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022;
+the details follow PPO-NOTES.md, cited by item number):
+
+1. rollout: sample responses to a batch of prompts from the policy; score them with the reward
+   model (or a reward function); take the policy's, the reference's and the critic's view of
+   every response token;
+2. rewards: r_t = −β·KL_t on every response token, plus the score on the last one (items 17, 40);
+3. advantages: GAE(γ, λ), returns = advantages + values, then advantage whitening (22–24);
+4. update: ``num_ppo_epochs`` passes of shuffled minibatches minimising the clipped policy loss
+   plus c_v × the clipped value loss (29–31), optionally with the PPO-ptx term (43);
+5. log, adapt β (20), checkpoint.
+
+Extension points (override in a subclass, or pass in): ``reward_fn`` (constructor),
+``sample`` (how responses are drawn), ``score`` (how a response is scored), ``compute_loss``
+(the loss terms of one micro-batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from rlhf.config import DataConfig, ModelConfig, PPOConfig
+from rlhf.data import collate_sft, load_table, load_sft_examples, pad_left, rename_columns, tokenize_prompts
+from rlhf.errors import UserError
+from rlhf.functional import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    exclusive_cumsum_positions,
+    gae_advantages,
+    adaptive_kl_coef,
+    kl_k1,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    truncate_after_eos,
+)
+from rlhf.generation import sample_with_logprobs
+from rlhf.models import ScalarHeadModel, load_causal_lm, load_scalar_model, load_tokenizer
+from rlhf.trainers.sft import LanguageModelingObjective
+from rlhf.training import (
+    MetricsLogger,
+    MicroBatchOrder,
+    RunDirectory,
+    TrainState,
+    atomic_directory,
+    build_accelerator,
+    create_optimizer,
+    create_scheduler,
+    load_checkpoint,
+    optimizer_step,
+    save_checkpoint,
+    save_pretrained_atomic,
+    truncate_jsonl,
+)
+
+logger = logging.getLogger(__name__)
+
+RewardFunction = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class Rollout:
+    """A batch of episodes. Response tensors are (batch, response_len), right-padded after the first EOS.
+
+    ``logprobs``/``ref_logprobs``/``values`` are at the response positions: the state before
+    each response token (logits slice ``[prompt_len − 1 : −1]``, PPO-NOTES §2).
+    """
+
+    prompt_ids: torch.Tensor        # (B, P) left-padded
+    prompt_mask: torch.Tensor       # (B, P)
+    response_ids: torch.Tensor      # (B, T)
+    response_mask: torch.Tensor     # (B, T) 1 up to and including the first EOS
+    logprobs: torch.Tensor          # (B, T) rollout policy, temperature-scaled
+    ref_logprobs: torch.Tensor      # (B, T) frozen reference, same temperature
+    values: torch.Tensor            # (B, T) critic before the update
+    scores: torch.Tensor            # (B,) reward model score (after the missing-EOS penalty)
+    ended: torch.Tensor             # (B,) bool: emitted EOS
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        return Rollout(**{f.name: (getattr(self, f.name)[index] if getattr(self, f.name) is not None else None)
+                          for f in fields(self)})
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of prompt ⊕ response, (B, P + T)."""
+        return (torch.cat([self.prompt_ids, self.response_ids], dim=1),
+                torch.cat([self.prompt_mask, self.response_mask], dim=1))
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """Import ``module:function``; a mistake names the key."""
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"reward.function: cannot import module '{module_name}': {error}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"reward.function: module '{module_name}' has no function '{function_name}'")
+    return function
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """(B, T, V) logits predicting each response token, with position ids = exclusive cumsum of the mask."""
+    position_ids = exclusive_cumsum_positions(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return logits[:, prompt_len - 1:-1]
+
+
+class PPOTrainer:
+    """PPO fine-tuning of a causal LM against a reward.
+
+    Args:
+        config: the stage config.
+        policy, tokenizer: the SFT policy and its tokenizer (default: ``config.policy``); the
+            frozen reference is a copy loaded the same way.
+        reward_fn: ``f(prompts, responses) -> list[float]`` used instead of ``config.reward``.
+        prompts: a ``datasets.Dataset`` of ``{prompt}`` or ``{messages}`` rows (default: ``config.data``).
+    """
+
+    def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward_fn: RewardFunction | None = None,
+                 prompts=None):
+        if reward_fn is not None:  # a function passed in replaces whatever the config names
+            config.reward.model_path, config.reward.function = None, "<passed in>:reward_fn"
+            if config.critic.init == "reward" and config.critic.name_or_path is None:
+                config.critic.init = "policy"
+        config.validate()
+        self.config = config
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.prompt_dataset = prompts
+
+    # ------------------------------------------------------------------ setup
+
+    def setup_models(self) -> None:
+        config = self.config
+        seed = config.training.seed
+        if self.policy is None:
+            self.policy, self.tokenizer = load_causal_lm(config.policy, self.tokenizer, seed=seed)
+        elif self.tokenizer is None:
+            raise ValueError("pass the tokenizer together with the policy")
+        # The reference is the SFT policy, frozen: never trained, no gradients (PPO-NOTES 36).
+        self.reference = copy.deepcopy(self.policy)
+        freeze(self.reference)
+
+        self.reward_model, self.reward_tokenizer = None, None
+        if config.reward.model_path is not None:
+            rm_config = ModelConfig(name_or_path=config.reward.model_path)
+            self.reward_tokenizer = load_tokenizer(rm_config)
+            self.reward_model = load_scalar_model(rm_config, self.reward_tokenizer, head_init=None)
+            freeze(self.reward_model)
+        elif self.reward_fn is None:
+            self.reward_fn = load_reward_function(config.reward.function)
+        self.same_vocabulary = (self.reward_tokenizer is None
+                                or self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab())
+
+        if config.critic.init == "reward" or config.critic.name_or_path:
+            path = config.critic.name_or_path or config.reward.model_path
+            if not self.same_vocabulary and not config.critic.name_or_path:
+                raise UserError("critic.init: 'reward' needs a reward model with the policy's tokenizer; "
+                                "use critic.init=policy")
+            # Same head and normalisation as the RM, so V at the last token starts as the score (PPO-NOTES 16).
+            self.critic = load_scalar_model(ModelConfig(name_or_path=path), self.tokenizer, head_init=None)
+        else:
+            # A copy of the policy trunk with a zero head: V ≡ 0 at the start (LHP).
+            self.critic = ScalarHeadModel.from_causal_lm(self.policy)
+
+    def load_prompts(self) -> tuple[list[str], list[list[int]]]:
+        data = self.config.data
+        table = self.prompt_dataset
+        source = "prompts"
+        if table is None:
+            table = rename_columns(load_table(data.path, data.split), data.columns, data.path)
+            source = data.path
+        if data.max_samples is not None:
+            table = table.select(range(min(data.max_samples, len(table))))
+        return tokenize_prompts(table, self.tokenizer, data.max_prompt_length, source)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, resume: bool = False) -> str:
+        """Run PPO; returns the path of ``final/`` (the tuned causal LM + tokenizer)."""
+        config, ppo = self.config, self.config.ppo
+        run = RunDirectory(config.output_dir)
+        accelerator = build_accelerator(config.training, config.logging, run, config)
+        self.accelerator = accelerator
+        resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite, is_main=accelerator.is_main_process)
+        self.setup_models()
+        self.prompt_texts, self.prompt_ids = self.load_prompts()
+        self.ptx_examples = []
+        if ppo.ptx_coef > 0:
+            self.ptx_examples, _ = load_sft_examples(DataConfig(path=ppo.ptx_data, eval_fraction=0.0),
+                                                     self.tokenizer, 10**9, config.training.seed)
+
+        prompt_order = MicroBatchOrder(len(self.prompt_ids), ppo.rollout_batch_size, config.training.seed,
+                                       num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+        total_steps = config.training.max_steps or max(1, math.ceil(config.training.num_epochs * prompt_order.micro_batches_per_epoch))
+        updates_per_step = ppo.num_ppo_epochs * ppo.num_minibatches
+        self.build_optimizers(total_steps * updates_per_step)
+        device = accelerator.device
+        self.reference.to(device)
+        if self.reward_model is not None:
+            self.reward_model.to(device)
+
+        state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState(extra={"kl_coef": ppo.kl_coef})
+        self.kl_coef = state.extra["kl_coef"]
+        metrics_logger = MetricsLogger(accelerator, run.metrics_path, resume_step=state.step if resume_from else None)
+        samples_path = run.path("samples.jsonl")
+        if accelerator.is_main_process:
+            truncate_jsonl(samples_path, state.step if resume_from else 0)
+        from tqdm.auto import tqdm
+        progress = tqdm(total=total_steps, initial=state.step, desc="ppo", disable=not accelerator.is_main_process,
+                        dynamic_ncols=True)
+        logger.info("PPO: %d prompts, %d steps of %d episodes", len(self.prompt_ids), total_steps, ppo.rollout_batch_size)
+
+        while state.step < total_steps:
+            prompt_indices = prompt_order.indices(state.step)
+            # 1-3: rollout, rewards, advantages (no gradients anywhere in here)
+            start = time.perf_counter()
+            rollout = self.rollout([self.prompt_ids[i] for i in prompt_indices],
+                                   [self.prompt_texts[i] for i in prompt_indices], step=state.step)
+            rollout_s = time.perf_counter() - start
+            # 4: PPO epochs
+            start = time.perf_counter()
+            update_stats = self.update(rollout, step=state.step)
+            update_s = time.perf_counter() - start
+            # 5: log, adapt β, checkpoint
+            metrics = self.rollout_metrics(rollout)
+            metrics.update(update_stats)
+            episodes = rollout.scores.numel() * accelerator.num_processes
+            metrics.update(rollout_s=rollout_s, update_s=update_s, kl_coef=self.kl_coef,
+                           episodes_per_s=episodes / (rollout_s + update_s),
+                           generated_tokens_per_s=float(rollout.response_mask.sum()) * accelerator.num_processes / rollout_s,
+                           lr=self.policy_scheduler.get_last_lr()[0])
+            if ppo.adaptive_kl:
+                # Once per PPO step, after the update, with the batch's mean summed KL (PPO-NOTES 20).
+                self.kl_coef = adaptive_kl_coef(self.kl_coef, metrics["kl"], ppo.target_kl, ppo.kl_horizon, episodes)
+            state.step += 1
+            state.examples_seen += episodes
+            state.extra = {"kl_coef": self.kl_coef}
+            progress.update(1)
+            if state.step % config.training.log_every == 0 or state.step == total_steps or state.step == 1:
+                metrics_logger.log(state.step, metrics, epoch=prompt_order.epoch_at(state.step))
+                self.write_samples(samples_path, rollout, state.step)
+                progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"})
+            if config.training.save_every and state.step % config.training.save_every == 0 and state.step < total_steps:
+                save_checkpoint(accelerator, run, state, config.training.keep_checkpoints)
+        progress.close()
+
+        save_pretrained_atomic(accelerator, self.policy_model, self.tokenizer, run.final_dir)
+        save_pretrained_atomic(accelerator, self.critic_model, self.tokenizer, run.path("value_model"))
+        accelerator.end_training()
+        logger.info("PPO done: %s", run.final_dir)
+        return run.final_dir
+
+    def build_optimizers(self, total_updates: int) -> None:
+        training, ppo = self.config.training, self.config.ppo
+        accelerator = self.accelerator
+        if ppo.separate_optimizers:
+            policy_optimizer = create_optimizer(self.policy.named_parameters(), training)
+            critic_training = type(training)(**{**training.__dict__, "lr": ppo.critic_lr or training.lr})
+            critic_optimizer = create_optimizer(self.critic.named_parameters(), critic_training)
+            self.policy_scheduler = create_scheduler(policy_optimizer, training, total_updates)
+            self.critic_scheduler = create_scheduler(critic_optimizer, critic_training, total_updates)
+            (self.policy_model, self.critic_model, self.policy_optimizer,
+             self.critic_optimizer) = accelerator.prepare(self.policy, self.critic, policy_optimizer, critic_optimizer)
+            accelerator.register_for_checkpointing(self.policy_scheduler, self.critic_scheduler)
+        else:
+            # One optimizer over both, as N+/TRL do with their policy-and-value wrapper (PPO-NOTES 27).
+            named = list(self.policy.named_parameters()) + [("critic." + n, p) for n, p in self.critic.named_parameters()]
+            optimizer = create_optimizer(named, training)
+            self.policy_scheduler = create_scheduler(optimizer, training, total_updates)
+            self.critic_scheduler = None
+            self.policy_model, self.critic_model, self.policy_optimizer = accelerator.prepare(
+                self.policy, self.critic, optimizer)
+            self.critic_optimizer = None
+            accelerator.register_for_checkpointing(self.policy_scheduler)
+
+    # ------------------------------------------------------------------ 1-3: rollout
+
+    @torch.no_grad()
+    def rollout(self, prompt_ids: list[list[int]], prompt_texts: list[str], step: int) -> Rollout:
+        """Sample, score and evaluate a batch of episodes, then compute rewards and advantages."""
+        config, ppo, sampling = self.config, self.config.ppo, self.config.sampling
+        device = self.accelerator.device
+        policy = self.accelerator.unwrap_model(self.policy_model)
+        critic = self.accelerator.unwrap_model(self.critic_model)
+        policy.eval()
+        critic.eval()
+        pad = self.tokenizer.pad_token_id
+        # Left-pad every prompt of the batch to one length so micro-batches concatenate.
+        all_prompts = pad_left(prompt_ids, pad).to(device)
+        all_prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(device)
+        generator = torch.Generator(device=device).manual_seed(
+            config.training.seed * 1_000_003 + step * 1009 + self.accelerator.process_index)
+        parts = []
+        for start in range(0, len(prompt_ids), ppo.forward_batch_size):
+            prompts = all_prompts[start:start + ppo.forward_batch_size]
+            prompt_mask = all_prompt_mask[start:start + ppo.forward_batch_size]
+            response_ids, sample_logprobs = self.sample(policy, prompts, prompt_mask, generator)
+            # Tokens after the first EOS become padding; the EOS stays (PPO-NOTES 13).
+            response_ids, response_mask, ended = truncate_after_eos(response_ids, self.tokenizer.eos_token_id, pad)
+            input_ids = torch.cat([prompts, response_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+            prompt_len = prompts.shape[1]
+            with self.accelerator.autocast():
+                if ppo.logprobs_from_generation:
+                    logprobs = sample_logprobs
+                else:
+                    logprobs = logprobs_from_logits(response_logits(policy, input_ids, attention_mask, prompt_len),
+                                                    response_ids, sampling.temperature)
+                ref_logprobs = logprobs_from_logits(response_logits(self.reference, input_ids, attention_mask, prompt_len),
+                                                    response_ids, sampling.temperature)
+                values = critic.normalize(critic(input_ids, attention_mask))[:, prompt_len - 1:-1]
+                texts = prompt_texts[start:start + ppo.forward_batch_size]
+                scores = self.score(texts, prompts, prompt_mask, response_ids, response_mask).to(device).float()
+            if sampling.missing_eos_penalty is not None:
+                # The RM never saw unfinished responses; without this the policy learns not to stop (PPO-NOTES 14).
+                scores = torch.where(ended, scores, scores - sampling.missing_eos_penalty)
+            parts.append(dict(prompt_ids=prompts, prompt_mask=prompt_mask, response_ids=response_ids,
+                              response_mask=response_mask, logprobs=logprobs.float(), ref_logprobs=ref_logprobs.float(),
+                              values=values.float(), scores=scores, ended=ended))
+        rollout = Rollout(**concatenate_right_padded(parts, pad))
+        mask = rollout.response_mask
+        # 2: per-token KL penalty in the reward, score on the last valid token (PPO-NOTES 17, 40)
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator)
+        rollout.rewards = per_token_rewards(rollout.scores, kl, mask, self.kl_coef)
+        # 3: GAE; the value target is taken before whitening (PPO-NOTES 24)
+        rollout.advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            rollout.advantages = masked_whiten(rollout.advantages, mask)
+        return rollout
+
+    def sample(self, policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extension point: draw responses (B, T) and their temperature-scaled logprobs (B, T)."""
+        sampling = self.config.sampling
+        return sample_with_logprobs(policy, prompt_ids, prompt_mask, sampling.max_new_tokens, sampling.temperature,
+                                    sampling.top_k, sampling.top_p, self.tokenizer.eos_token_id,
+                                    self.tokenizer.pad_token_id, generator)
+
+    def score(self, prompt_texts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+              response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """Extension point: (B,) scores of the episodes (reward model, or the reward function on text)."""
+        if self.reward_model is not None and self.same_vocabulary:
+            input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+            attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+            return self.reward_model.score(input_ids, attention_mask)
+        responses = self.decode_responses(response_ids, response_mask)
+        if self.reward_model is not None:  # different tokenizer: re-encode the text as the RM was trained
+            encoded = [self.reward_tokenizer(p, add_special_tokens=True)["input_ids"]
+                       + self.reward_tokenizer(r, add_special_tokens=False)["input_ids"]
+                       + [self.reward_tokenizer.eos_token_id] for p, r in zip(prompt_texts, responses)]
+            device = prompt_ids.device
+            input_ids = pad_left(encoded, self.reward_tokenizer.pad_token_id).to(device)
+            attention_mask = pad_left([[1] * len(e) for e in encoded], 0).to(device)
+            return self.reward_model.score(input_ids, attention_mask)
+        scores = self.reward_fn(list(prompt_texts), responses)
+        if len(scores) != len(responses):
+            raise UserError(f"reward.function: returned {len(scores)} scores for {len(responses)} responses")
+        return torch.tensor([float(s) for s in scores])
+
+    def decode_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        """Response text without EOS and padding."""
+        texts = []
+        for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+            tokens = [t for t, m in zip(ids, mask) if m and t != self.tokenizer.eos_token_id]
+            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        return texts
+
+    # ------------------------------------------------------------------ 4: update
+
+    def update(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """``num_ppo_epochs`` passes over shuffled minibatches; each minibatch is one optimizer step,
+        accumulated over micro-batches of ``training.batch_size`` episodes as a token-level mean."""
+        config, ppo = self.config, self.config.ppo
+        accelerator = self.accelerator
+        self.policy_model.train()
+        self.critic_model.train()
+        batch_size = rollout.scores.shape[0]
+        minibatch_size = batch_size // ppo.num_minibatches
+        micro_size = min(config.training.batch_size, minibatch_size)
+        # A fixed stream per step, so a resumed run shuffles exactly as an unbroken one.
+        generator = torch.Generator().manual_seed(config.training.seed * 7919 + step)
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(ppo.num_ppo_epochs):
+            order = torch.randperm(batch_size, generator=generator).to(rollout.scores.device)
+            for start in range(0, batch_size, minibatch_size):
+                minibatch = order[start:start + minibatch_size]
+                minibatch_tokens = rollout.response_mask[minibatch].sum().clamp(min=1)
+                for micro_start in range(0, minibatch_size, micro_size):
+                    micro = rollout.select(minibatch[micro_start:micro_start + micro_size])
+                    weight = micro.response_mask.sum() / minibatch_tokens
+                    is_last = micro_start + micro_size >= minibatch_size
+                    with accelerator.no_sync(self.policy_model) if not is_last else contextlib.nullcontext():
+                        with accelerator.no_sync(self.critic_model) if not is_last else contextlib.nullcontext():
+                            with accelerator.autocast():
+                                loss, stats = self.compute_loss(micro)
+                            accelerator.backward(loss * weight)
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * float(weight)
+                if ppo.ptx_coef > 0:
+                    ptx_loss = self.ptx_loss(step, start)
+                    accelerator.backward(ppo.ptx_coef * ptx_loss)
+                    totals["ptx_loss"] = totals.get("ptx_loss", 0.0) + float(ptx_loss)
+                count += 1
+                grad_norm = optimizer_step(accelerator, self.policy_model, self.policy_optimizer, self.policy_scheduler,
+                                           config.training.max_grad_norm)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
+                if self.critic_optimizer is not None:
+                    optimizer_step(accelerator, self.critic_model, self.critic_optimizer, self.critic_scheduler,
+                                   config.training.max_grad_norm)
+        return {key: value / count for key, value in totals.items()}
+
+    def compute_loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Extension point: the loss of one micro-batch (token-level means over its response tokens).
+
+        L = L_clip + c_v·L_value − c_H·H (PPO-NOTES §2 "Total").
+        """
+        ppo, sampling = self.config.ppo, self.config.sampling
+        input_ids, attention_mask = batch.sequences()
+        prompt_len = batch.prompt_ids.shape[1]
+        mask = batch.response_mask
+        logits = response_logits(self.policy_model, input_ids, attention_mask, prompt_len)
+        logprobs = logprobs_from_logits(logits, batch.response_ids, sampling.temperature)
+        policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, ppo.clip_eps)
+        critic = self.critic_model
+        values = critic_values(critic, input_ids, attention_mask)[:, prompt_len - 1:-1]
+        value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, ppo.value_clip_eps)
+        entropy = masked_mean(entropy_from_logits(logits if ppo.entropy_coef > 0 else logits.detach(),
+                                                  sampling.temperature), mask)
+        loss = policy_loss + ppo.vf_coef * value_loss - ppo.entropy_coef * entropy
+        stats = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), "entropy": entropy.detach(),
+                 **policy_stats, **value_stats}
+        return loss, stats
+
+    def ptx_loss(self, step: int, minibatch_start: int) -> torch.Tensor:
+        """Mean NLL of a pretraining/SFT batch (the γ_ptx term of InstructGPT's PPO-ptx)."""
+        ppo = self.config.ppo
+        count = len(self.ptx_examples)
+        offset = (step * ppo.num_ppo_epochs * ppo.num_minibatches * ppo.ptx_batch_size + minibatch_start) % count
+        examples = [self.ptx_examples[(offset + i) % count] for i in range(ppo.ptx_batch_size)]
+        objective = LanguageModelingObjective(self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.accelerator.device) for k, v in objective.collate(examples).items()}
+        with self.accelerator.autocast():
+            loss_sum, _ = objective.loss_sum(self.policy_model, batch)
+        return loss_sum / max(objective.count_units(batch), 1)
+
+    # ------------------------------------------------------------------ 5: metrics and samples
+
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        mask = rollout.response_mask
+        sequence_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1)  # objective/kl (PPO-NOTES §2)
+        scores = rollout.scores
+        return {
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "kl": float(sequence_kl.mean()),
+            "rlhf_reward": float((scores - self.kl_coef * sequence_kl).mean()),
+            "response_length": float(mask.sum(1).float().mean()),
+            "eos_fraction": float(rollout.ended.float().mean()),
+            "explained_variance": float(explained_variance(rollout.values, rollout.returns, mask)),
+        }
+
+    def write_samples(self, path: str, rollout: Rollout, step: int) -> None:
+        if not self.accelerator.is_main_process or not self.config.logging.num_samples:
+            return
+        count = min(self.config.logging.num_samples, rollout.scores.shape[0])
+        responses = self.decode_responses(rollout.response_ids[:count], rollout.response_mask[:count])
+        sequence_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * rollout.response_mask).sum(1)
+        with open(path, "a", encoding="utf-8") as handle:
+            for i in range(count):
+                prompt = self.tokenizer.decode([t for t, m in zip(rollout.prompt_ids[i].tolist(),
+                                                                   rollout.prompt_mask[i].tolist()) if m],
+                                               skip_special_tokens=True)
+                handle.write(json.dumps({"step": step, "prompt": prompt, "response": responses[i],
+                                         "score": float(rollout.scores[i]), "kl": float(sequence_kl[i])},
+                                        ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values in reward units (the critic's head output with the RM's normalisation)."""
+    unwrapped = critic.module if hasattr(critic, "module") else critic
+    return unwrapped.normalize(critic(input_ids, attention_mask))
+
+
+def freeze(model: torch.nn.Module) -> None:
+    model.eval()
+    model.requires_grad_(False)
+
+
+def concatenate_right_padded(parts: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate micro-batch results whose response length differs, right-padding the shorter ones."""
+    length = max(p["response_ids"].shape[1] for p in parts)
+    fills = {"response_ids": pad_token_id, "response_mask": 0, "logprobs": 0.0, "ref_logprobs": 0.0, "values": 0.0}
+    merged = {}
+    for key in parts[0]:
+        tensors = []
+        for part in parts:
+            tensor = part[key]
+            if key in fills and tensor.shape[1] < length:
+                tensor = torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=fills[key])
+            tensors.append(tensor)
+        merged[key] = torch.cat(tensors, dim=0)
+    return merged
+
+
