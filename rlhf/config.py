@@ -134,10 +134,13 @@ class SFTConfig:
     training: TrainingConfig = param(default_factory=TrainingConfig, help="optimisation")
     logging: LoggingConfig = param(default_factory=LoggingConfig, help="trackers and samples")
 
-    def validate(self) -> None:
+    def validate(self, model_given: bool = False, data_given: bool = False) -> None:
+        """Check every field; ``model_given``/``data_given``: the trainer got them as objects, so the
+        ``model:`` block and ``data.path`` may stay empty."""
         problems = collect_field_problems(self)
-        problems += model_problems(self.model, "model")
-        if not self.data.path:
+        if not model_given:
+            problems += model_problems(self.model, "model")
+        if not self.data.path and not data_given:
             problems.append("data.path: required; give a hub dataset name or a local data file")
         if problems:
             raise UserError("; ".join(problems))
@@ -203,10 +206,13 @@ class RewardConfig:
         "trackers; num_samples eval prompts are written with their responses' rewards to samples.jsonl"))
     normalization: NormalizationConfig = param(default_factory=NormalizationConfig, help="reward centring after training")
 
-    def validate(self) -> None:
+    def validate(self, model_given: bool = False, data_given: bool = False) -> None:
+        """Check every field; ``model_given``/``data_given``: the trainer got them as objects, so the
+        ``model:`` block and ``data.path`` may stay empty."""
         problems = collect_field_problems(self)
-        problems += model_problems(self.model, "model")
-        if not self.data.path:
+        if not model_given:
+            problems += model_problems(self.model, "model")
+        if not self.data.path and not data_given:
             problems.append("data.path: required; give a hub dataset name or a local preference data file")
         for ours in self.data.columns:
             if ours not in PREFERENCE_COLUMNS:
@@ -216,7 +222,7 @@ class RewardConfig:
         norm_set = self.normalization.set
         if norm_set not in ("eval", "train", "none") and not os.path.exists(norm_set):
             problems.append(f"normalization.set: '{norm_set}' is not eval, train or none, and no such file exists")
-        if norm_set == "eval" and not self.data.eval_path and self.data.eval_fraction == 0:
+        if norm_set == "eval" and not data_given and not self.data.eval_path and self.data.eval_fraction == 0:
             problems.append("normalization.set: 'eval' needs evaluation data; set data.eval_path or "
                             "data.eval_fraction > 0, or use normalization.set=train")
         if self.normalization.scale and norm_set == "none":
@@ -562,5 +568,63 @@ class PPOConfig:
         if self.training.gradient_accumulation_steps != 1:
             problems.append("training.gradient_accumulation_steps: PPO derives accumulation from "
                             "ppo.num_minibatches and training.batch_size; leave it at 1")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+@dataclass
+class FeedbackConfig:
+    """Where the reward model's comparisons come from: a simulated labeler, or a file written by people."""
+
+    source: Literal["simulated", "file"] = param("simulated", help="simulated: sample from the policy and label; file: use `file`")
+    file: str | None = param(None, help="preference data written by people (any RM data format), for source=file")
+    labeler: str = param("rlhf.demo.labeler:label_pairs", help=(
+        "'module:function' labelling K responses per prompt: f(prompts, responses_per_prompt, rng, noise_temperature, k)"))
+    prompts: str = param("data/demo/prompts_train.jsonl", help="prompts to sample responses for")
+    eval_prompts: str = param("data/demo/prompts_eval.jsonl", help="held-out prompts: RM agreement and the final evaluation")
+    num_prompts: int = param(600, help="prompts labelled per round", min=1)
+    responses_per_prompt: int = param(2, help="K responses sampled per prompt (K > 2 gives rankings)", min=2)
+    noise_temperature: float = param(0.15, help="Bradley-Terry label noise (0 = noiseless)", min=0.0)
+    temperature: float = param(1.0, help="sampling temperature for the responses to label", min=0.0, min_exclusive=True)
+    max_new_tokens: int = param(48, help="response length limit when sampling", min=1)
+    batch_size: int = param(64, help="prompts per sampling batch", min=1)
+
+
+@dataclass
+class EvaluationConfig:
+    """Held-out comparison of the SFT and PPO policies by the gold scorer."""
+
+    gold: str | None = param("rlhf.demo.gold:gold_reward", help="'module:function' gold scorer (null: skip gold metrics)")
+    num_prompts: int = param(160, help="held-out prompts evaluated", min=1)
+    temperature: float = param(0.7, help="sampling temperature of the evaluated policies", min=0.0, min_exclusive=True)
+    max_new_tokens: int = param(48, help="response length limit", min=1)
+
+
+@dataclass
+class PipelineConfig:
+    """SFT -> reward model -> PPO, chained; each stage reads the previous one's final/."""
+
+    output_dir: str = param("runs/pipeline", help="holds sft/, round-N/{feedback,rm,ppo}/, evaluation.json, report.md")
+    rounds: int = param(1, help="iterations of (collect comparisons, train RM, run PPO) after SFT", min=1)
+    sft: SFTConfig = param(default_factory=SFTConfig, help="stage 1 (its output_dir is replaced by <output_dir>/sft)")
+    rm: RewardConfig = param(default_factory=RewardConfig, help="stage 2 (model and data paths are filled in by the pipeline)")
+    ppo: PPOConfig = param(default_factory=PPOConfig, help="stage 3 (policy, reward and critic paths are filled in)")
+    feedback: FeedbackConfig = param(default_factory=FeedbackConfig, help="comparisons for the reward model")
+    evaluation: EvaluationConfig = param(default_factory=EvaluationConfig, help="held-out evaluation")
+
+    def validate(self) -> None:
+        problems = collect_field_problems(self)
+        problems += model_problems(self.sft.model, "sft.model")
+        if not self.sft.data.path:
+            problems.append("sft.data.path: required")
+        if self.feedback.source == "file" and not self.feedback.file:
+            problems.append("feedback.file: required with feedback.source=file")
+        if self.feedback.source == "file" and self.rounds > 1:
+            problems.append("rounds: a fixed preference file cannot be re-collected; use rounds=1 or source=simulated")
+        for key, spec in (("feedback.labeler", self.feedback.labeler), ("evaluation.gold", self.evaluation.gold)):
+            if spec is not None and ":" not in spec:
+                problems.append(f"{key}: '{spec}' is not of the form module:function")
         if problems:
             raise UserError("; ".join(problems))

@@ -155,7 +155,7 @@ def tokenize_sft(table, tokenizer, data_format: str, max_length: int, train_on_p
     """Tokenise SFT rows into ``{input_ids, labels}`` examples (lists of ints).
 
     A row whose prompt leaves no room for at least one response token is skipped and counted:
-    we never train on a prompt whose response was cut away entirely.
+    we never train on a prompt whose response was cut away entirely (with ``train_on_prompt`` too).
     """
     report = TokenizeReport(rows=len(table))
     examples = []
@@ -168,16 +168,20 @@ def tokenize_sft(table, tokenizer, data_format: str, max_length: int, train_on_p
             response = check_text(row, response_column, row_index, path)
             prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            segments = [(prompt_ids, train_on_prompt), (response_ids, True)]
+            segments = [(prompt_ids, False), (response_ids, True)]
         elif data_format == "messages":
-            segments = chat_segments(row.get("messages"), tokenizer, train_on_prompt, row_index, path)
+            segments = chat_segments(row.get("messages"), tokenizer, False, row_index, path)
         else:
             text = check_text(row, "text", row_index, path)
             segments = [(tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id], True)]
+        # Segments mark response tokens as trained, so the cut is judged on the response alone;
+        # train_on_prompt then trains every kept token.
         example = pack_segments(segments, max_length)
         if example is None:
             report.skipped_too_long += 1
             continue
+        if train_on_prompt:
+            example["labels"] = list(example["input_ids"])
         if example.pop("truncated"):
             report.truncated += 1
         examples.append(example)
@@ -222,6 +226,9 @@ def chat_segments(messages, tokenizer, train_on_prompt: bool, row_index: int, pa
             raise UserError(f"data: '{path}' row {row_index}: each message needs string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"data: '{path}' row {row_index}: the conversation has no 'assistant' turn to learn from")
+    if messages[0]["role"] == "assistant":  # chat templates cannot render the empty history it answers
+        raise UserError(f"data: '{path}' row {row_index}: the conversation starts with an assistant turn; "
+                        "start it with the user or system turn it answers")
 
     def render(upto: int, generation_prompt: bool) -> list[int]:
         text = tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)

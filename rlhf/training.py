@@ -61,10 +61,16 @@ class RunDirectory:
         checkpoint = self.latest_checkpoint() if resume else None
         if not resume and self.has_run() and not overwrite:
             raise UserError(f"output_dir: '{self.root}' already holds a run; pass --resume to continue it, "
-                            "or choose another output_dir")
+                            "or choose another output_dir (or set overwrite=true)")
+        if resume and checkpoint is None and os.path.isdir(self.final_dir) and not overwrite:
+            raise UserError(f"output_dir: '{self.root}' holds a finished run (final/) and no checkpoint to resume; "
+                            "choose another output_dir (or set overwrite=true)")
         if is_main:
-            if overwrite and not resume and os.path.isdir(self.root):
-                for name in ("checkpoints", "final", "metrics.jsonl", "samples.jsonl"):
+            # A fresh start replaces the logs of an earlier attempt that never reached a checkpoint
+            # (appending would repeat its steps); overwrite also removes its checkpoints and final/.
+            stale = ("checkpoints", "final") if overwrite and not resume else ()
+            if checkpoint is None and os.path.isdir(self.root):
+                for name in (*stale, "metrics.jsonl", "samples.jsonl"):
                     target = self.path(name)
                     shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else (
                         os.path.exists(target) and os.remove(target))
@@ -208,7 +214,7 @@ class MicroBatchOrder:
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True,
-                 num_processes: int = 1, process_index: int = 0):
+                 num_processes: int = 1, process_index: int = 0, drop_last: bool = False):
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.seed = seed
@@ -217,7 +223,8 @@ class MicroBatchOrder:
         self.process_index = process_index
         global_batch = batch_size * num_processes
         # With several processes an uneven last batch would leave a rank without data; drop it.
-        self.micro_batches_per_epoch = (num_examples // global_batch if num_processes > 1
+        # ``drop_last`` drops it always (PPO: every rollout batch has exactly rollout_batch_size episodes).
+        self.micro_batches_per_epoch = (num_examples // global_batch if num_processes > 1 or drop_last
                                         else math.ceil(num_examples / global_batch))
         if self.micro_batches_per_epoch == 0:
             raise UserError(f"training.batch_size: {num_examples} examples cannot fill one batch of "
@@ -324,9 +331,17 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        kept = [line.rstrip("\n") + "\n" for line in handle if (step := step_of(line)) is not None and step <= last_step]
     with open(path, "w", encoding="utf-8") as handle:
         handle.writelines(kept)
+
+
+def step_of(line: str) -> int | None:
+    """The step of one JSON line; None for a blank line or one cut short by a kill mid-write."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else None
+    except ValueError:
+        return None
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:

@@ -8,6 +8,11 @@ import random
 
 import pytest
 
+# One intra-op thread, set before torch is imported (here and in the CLI subprocesses, which inherit
+# it): tiny models gain nothing from more, and on a busy 2-core machine OpenMP spin-waiting makes
+# every step several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "log", "happy", "sad", "red", "blue", "big", "small",
          "sun", "moon", "and", "a", "is", "was", "very", "quite", "bird", "tree", "sings", "sleeps"]
 
@@ -80,4 +85,3 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,12 +1,13 @@
 """A demonstrator of middling quality: it writes the SFT responses and the candidates the
 shipped preference pairs compare.
 
-Usually it answers well: it names the requested subject, picks words of the requested
-tone and stops after one to three sentences. But, like a hurried human writer, it also
-drifts to another subject, uses the wrong tone, repeats a sentence, rambles or trails off,
-each with the probability below. SFT imitates this mixture, flaws included, which leaves
-room for feedback to improve on it: a policy that keeps only the good habits scores higher
-by gold than the demonstrator.
+It mostly names the requested subject, picks words of roughly the requested tone and
+stops after one to three sentences. But, like a hurried human writer, it also drifts to
+another subject, uses the wrong tone, slips in off-tone words, repeats a sentence, writes
+one sentence too many, rambles or trails off, each with the probability below. Few of its
+responses are flawless (about 7 %), yet each flaw is avoidable on its own. SFT imitates
+this mixture, flaws included, which leaves room for feedback to improve on it: a policy
+that keeps only the good habits scores higher by gold than the demonstrator.
 
 Deterministic given the `random.Random` passed in.
 """
@@ -25,17 +26,22 @@ from rlhf.demo.grammar import (
     parse_prompt,
 )
 
-# How many sentences a well-behaved response has.
-SENTENCE_COUNT_WEIGHTS: dict[int, float] = {1: 0.3, 2: 0.5, 3: 0.2}
+# How many sentences a response has when it does not ramble. Three are common although
+# the gold scorer prefers at most two: a mild, frequent flaw.
+SENTENCE_COUNT_WEIGHTS: dict[int, float] = {1: 0.2, 2: 0.4, 3: 0.4}
 
-# The flaws, each decided independently per response.
-P_OFF_TOPIC = 0.12  # the whole response is about another subject
-P_WANDERS = 0.08  # one extra sentence about another subject
-P_WRONG_TONE = 0.12  # writes in another tone throughout
-P_WORD_TONE_SLIP = 0.2  # per tagged word: taken from a neighbouring valence level
-P_REPEATS = 0.10  # one of its sentences appears twice
-P_RAMBLES = 0.10  # goes on for 4 or 5 sentences instead
-P_TRAILS_OFF = 0.06  # the final period is missing
+# The flaws, each decided independently per response. Big flaws are rare and small ones
+# frequent. Many frequent small flaws lower the mean gold score more than they widen its
+# spread, so the best score (1.0) lies about 1.5 standard deviations above the
+# demonstrator's mean (0.54 +- 0.32): DEMO.md's bar for PPO (gold up by one standard
+# deviation of the SFT samples) is then within reach of a policy that drops the flaws.
+P_OFF_TOPIC = 0.08  # the whole response is about another subject
+P_WANDERS = 0.15  # one extra sentence about another subject
+P_WRONG_TONE = 0.10  # writes in another tone throughout
+P_WORD_TONE_SLIP = 0.45  # per tagged word: taken from a neighbouring valence level
+P_REPEATS = 0.3  # one of its sentences appears twice
+P_RAMBLES = 0.15  # goes on for 4 or 5 sentences instead
+P_TRAILS_OFF = 0.15  # the final period is missing
 
 RAMBLING_SENTENCE_COUNTS = [4, 5]
 

@@ -11,11 +11,12 @@ The score is a weighted sum of five terms, each in [-1, 1], so the score is in [
   subject    +1 if the response mentions the requested subject (its words after "the",
              consecutively, e.g. "old harbor") and no other subject; 0 if it mentions the
              requested subject and another one too; -1 if it does not mention it.
-  tone       1 - |mean valence - tone valence| / 0.8, clipped to [-1, 1]. The mean is over
-             every occurrence of a LEXICON word in the response. Right tone: 1; a
-             neighbouring tone (0.4 away): 0.5; two steps: 0; opposite tone: -1. A
-             response without any tagged word expresses no tone and gets 0.
-  concise    1 - 0.1 per word beyond 16 - 0.5 per sentence beyond 2, clipped to [-1, 1].
+  tone       1 - |mean valence - tone valence| / 0.4, clipped to [-1, 1]. The mean is over
+             every occurrence of a LEXICON word in the response. Right tone: 1; one
+             off-tone word among three: 0.67; a neighbouring tone (0.4 away): 0; two or
+             more steps away: -1. A response without any tagged word expresses no tone
+             and gets 0, like a neighbouring tone.
+  concise    1 - 0.1 per word beyond 16 - 1 per sentence beyond 2, clipped to [-1, 1].
              A sentence is a stretch of text ending in '.', '!' or '?' (or the unfinished
              stretch at the end).
   no_repeat  1 - 0.5 per repeated content word, clipped to [-1, 1]. A content word is any
@@ -48,16 +49,18 @@ NO_REPEAT_WEIGHT = 0.15
 ENDS_WEIGHT = 0.10
 
 # The length a response may have before the concision term starts to fall. Two sentences
-# of the grammar take 8 to 14 words; a third sentence is allowed by the words budget but
-# not by the sentence budget, so the gold scorer mildly prefers one or two sentences.
+# of the grammar take 7 to 14 words. A third sentence fits the word budget but not the
+# sentence budget: the gold scorer prefers one or two sentences, and the demonstrator
+# often writes three.
 MAX_WORDS = 16
 MAX_SENTENCES = 2
 PENALTY_PER_EXTRA_WORD = 0.1
-PENALTY_PER_EXTRA_SENTENCE = 0.5
+PENALTY_PER_EXTRA_SENTENCE = 1.0
 PENALTY_PER_REPEATED_WORD = 0.5
 # Distance between mean valence and the tone's valence at which the tone term reaches 0:
-# two of the grammar's 0.4-wide tone steps.
-TONE_DISTANCE_FOR_ZERO = 0.8
+# one of the grammar's 0.4-wide tone steps, so a neighbouring tone earns nothing and each
+# off-tone word in a response costs a visible part of the term.
+TONE_DISTANCE_FOR_ZERO = 0.4
 SCORE_DECIMALS = 6
 
 EOS_TEXT = "<|endoftext|>"
@@ -70,6 +73,7 @@ _SENTENCE_END_PATTERN = re.compile(r"[.!?]+")
 _SUBJECT_MENTIONS: dict[str, tuple[str, ...]] = {
     subject: tuple(subject_words(subject)) for subject in SUBJECTS
 }
+_MENTION_LENGTHS: frozenset[int] = frozenset(len(mention) for mention in _SUBJECT_MENTIONS.values())
 
 
 def _clip(value: float) -> float:
@@ -81,22 +85,24 @@ def _words(text: str) -> list[str]:
     return _WORD_PATTERN.findall(text.lower())
 
 
-def _mentions(words: list[str], mention: tuple[str, ...]) -> bool:
-    size = len(mention)
-    return any(tuple(words[i : i + size]) == mention for i in range(len(words) - size + 1))
+def _word_ngrams(words: list[str]) -> set[tuple[str, ...]]:
+    """Every run of consecutive words whose length is that of some subject mention."""
+    return {
+        tuple(words[start : start + size])
+        for size in _MENTION_LENGTHS
+        for start in range(len(words) - size + 1)
+    }
 
 
 def subject_term(words: list[str], subject: str) -> float:
     """+1 on topic, 0 on topic but also naming another subject, -1 off topic."""
-    if not _mentions(words, _SUBJECT_MENTIONS[subject]):
+    ngrams = _word_ngrams(words)
+    if _SUBJECT_MENTIONS[subject] not in ngrams:
         return -1.0
-    # A mention word list inside a longer one (none in the grammar today) is not "another".
-    others = [
-        other
-        for other, mention in _SUBJECT_MENTIONS.items()
-        if other != subject and _mentions(words, mention)
-    ]
-    return 0.0 if others else 1.0
+    names_another = any(
+        mention in ngrams for other, mention in _SUBJECT_MENTIONS.items() if other != subject
+    )
+    return 0.0 if names_another else 1.0
 
 
 def tone_term(words: list[str], tone: str) -> float:
@@ -118,6 +124,7 @@ def count_sentences(text: str) -> int:
 
 
 def concise_term(text: str, words: list[str]) -> float:
+    """1 up to MAX_WORDS words and MAX_SENTENCES sentences, falling linearly beyond."""
     extra_words = max(0, len(words) - MAX_WORDS)
     extra_sentences = max(0, count_sentences(text) - MAX_SENTENCES)
     return _clip(
@@ -128,12 +135,14 @@ def concise_term(text: str, words: list[str]) -> float:
 
 
 def no_repeat_term(words: list[str]) -> float:
+    """1 without repetition, minus PENALTY_PER_REPEATED_WORD per repeated content word."""
     content_words = [word for word in words if word not in FUNCTION_WORDS]
     repeated = len(content_words) - len(set(content_words))
     return _clip(1.0 - PENALTY_PER_REPEATED_WORD * repeated)
 
 
 def ends_term(text: str) -> float:
+    """+1 if the text ends with a '.' right after a letter, -1 otherwise."""
     ends_properly = len(text) >= 2 and text[-1] == "." and text[-2].isalpha()
     return 1.0 if ends_properly else -1.0
 

@@ -193,14 +193,19 @@ def is_held_out(subject: str, tone: str, phrasing: str) -> bool:
     return bucket < HELD_OUT_PERCENT
 
 
+# Computed once: callers sample from these lists in loops.
+_TRAIN_COMBOS = tuple(combo for combo in all_combos() if not is_held_out(*combo))
+_HELD_OUT_COMBOS = tuple(combo for combo in all_combos() if is_held_out(*combo))
+
+
 def train_combos() -> list[tuple[str, str, str]]:
     """The combinations training files may use, in a fixed order."""
-    return [combo for combo in all_combos() if not is_held_out(*combo)]
+    return list(_TRAIN_COMBOS)
 
 
 def held_out_combos() -> list[tuple[str, str, str]]:
     """The combinations used only for evaluation, in a fixed order."""
-    return [combo for combo in all_combos() if is_held_out(*combo)]
+    return list(_HELD_OUT_COMBOS)
 
 
 def _build_prompt_index() -> dict[str, tuple[str, str]]:

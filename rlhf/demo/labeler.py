@@ -24,7 +24,7 @@ from rlhf.demo.gold import gold_score
 # measured value is in data/demo/README.md): noisy like people, though cleaner than the
 # roughly 65-77 % agreement between human labelers reported for summarisation and
 # instruction following, so a small reward model can still pass DEMO.md's 75 % bar.
-DEFAULT_NOISE_TEMPERATURE = 0.1
+DEFAULT_NOISE_TEMPERATURE = 0.15
 
 
 def _check_temperature(noise_temperature: float) -> None:

@@ -60,7 +60,10 @@ def load_causal_lm(model_config: ModelConfig, tokenizer=None, seed: int = 0) -> 
         tokenizer: reuse this tokenizer (default: load the one the config names).
         seed: seeds the initialisation of a fresh model and of new embedding rows.
     """
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_config)
+    else:
+        ensure_pad_token(tokenizer)  # a caller's tokenizer gets the same dedicated pad (never pad = eos)
     torch.manual_seed(seed)
     if model_config.from_config is not None:
         model = build_fresh_gpt2(model_config.from_config, tokenizer)

@@ -106,8 +106,10 @@ class ScalarHeadModel(nn.Module):
         scalar_model.init_head(head_init)
         return scalar_model
 
-    def save_pretrained(self, directory: str, **kwargs) -> None:
-        self.model.save_pretrained(directory, **kwargs)
+    def save_pretrained(self, directory: str, state_dict: dict | None = None, **kwargs) -> None:
+        if state_dict is not None:  # this wrapper's state dict (accelerate's get_state_dict): drop our "model." prefix
+            state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
+        self.model.save_pretrained(directory, state_dict=state_dict, **kwargs)
 
 
 def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | None = "normal",
@@ -124,7 +126,8 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
     torch.manual_seed(seed)
     if model_config.from_config is not None:
         lm = build_fresh_gpt2(model_config.from_config, tokenizer)
-        config = GPT2Config.from_dict({**lm.config.to_dict(), "num_labels": 1})
+        lm_config = {k: v for k, v in lm.config.to_dict().items() if k not in ("id2label", "label2id")}
+        config = GPT2Config.from_dict({**lm_config, "num_labels": 1})
         model = GPT2ForSequenceClassification(config)
         model.transformer.load_state_dict(lm.transformer.state_dict())
     else:

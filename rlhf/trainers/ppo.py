@@ -52,7 +52,8 @@ from rlhf.functional import (
     truncate_after_eos,
 )
 from rlhf.generation import sample_with_logprobs
-from rlhf.models import ScalarHeadModel, load_causal_lm, load_scalar_model, load_tokenizer
+from rlhf.models import (ScalarHeadModel, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer,
+                         resolve_max_length)
 from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
     MetricsLogger,
@@ -159,6 +160,11 @@ class PPOTrainer:
             self.policy, self.tokenizer = load_causal_lm(config.policy, self.tokenizer, seed=seed)
         elif self.tokenizer is None:
             raise ValueError("pass the tokenizer together with the policy")
+        elif config.policy.disable_dropout:
+            # A policy passed in skipped the loader's disable_dropout. Dropout in the update's train()
+            # forward makes the first ratio ≠ 1 (|Δlogp| ≈ 0.2, PPO-NOTES 35); the reference and a
+            # critic copied from the policy inherit the setting.
+            disable_dropout(self.policy)
         # The reference is the SFT policy, frozen: never trained, no gradients (PPO-NOTES 36).
         self.reference = copy.deepcopy(self.policy)
         freeze(self.reference)
@@ -209,11 +215,21 @@ class PPOTrainer:
         self.prompt_texts, self.prompt_ids = self.load_prompts()
         self.ptx_examples = []
         if ppo.ptx_coef > 0:
-            self.ptx_examples, _ = load_sft_examples(DataConfig(path=ppo.ptx_data, eval_fraction=0.0),
-                                                     self.tokenizer, 10**9, config.training.seed)
+            ptx_data = DataConfig(path=ppo.ptx_data, eval_fraction=0.0)
+            # Cut at the model's context (as SFT does): a longer document would overrun the position table.
+            self.ptx_examples, _ = load_sft_examples(ptx_data, self.tokenizer,
+                                                     resolve_max_length(ptx_data.max_length, self.policy),
+                                                     config.training.seed)
 
+        if len(self.prompt_ids) < ppo.rollout_batch_size * accelerator.num_processes:
+            raise UserError(f"ppo.rollout_batch_size: {len(self.prompt_ids)} prompts cannot fill one rollout batch of "
+                            f"{ppo.rollout_batch_size} × {accelerator.num_processes} processes; lower it or add prompts")
+        # An incomplete last batch of an epoch is dropped (TRL's drop_last): a smaller rollout would change
+        # the number of optimizer steps per PPO step (with fewer episodes than minibatches it crashed) and
+        # so the schedule, which assumes num_ppo_epochs × num_minibatches per step.
         prompt_order = MicroBatchOrder(len(self.prompt_ids), ppo.rollout_batch_size, config.training.seed,
-                                       num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+                                       num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                                       drop_last=True)
         total_steps = config.training.max_steps or max(1, math.ceil(config.training.num_epochs * prompt_order.micro_batches_per_epoch))
         updates_per_step = ppo.num_ppo_epochs * ppo.num_minibatches
         self.build_optimizers(total_steps * updates_per_step)
@@ -253,8 +269,10 @@ class PPOTrainer:
                            generated_tokens_per_s=float(rollout.response_mask.sum()) * accelerator.num_processes / rollout_s,
                            lr=self.policy_scheduler.get_last_lr()[0])
             if ppo.adaptive_kl:
-                # Once per PPO step, after the update, with the batch's mean summed KL (PPO-NOTES 20).
-                self.kl_coef = adaptive_kl_coef(self.kl_coef, metrics["kl"], ppo.target_kl, ppo.kl_horizon, episodes)
+                # Once per PPO step, after the update, with the batch's mean summed KL (PPO-NOTES 20); the
+                # mean over all processes, so every rank keeps the same β (and the checkpoint's is everyone's).
+                batch_kl = float(accelerator.reduce(torch.tensor(metrics["kl"], device=device), "mean"))
+                self.kl_coef = adaptive_kl_coef(self.kl_coef, batch_kl, ppo.target_kl, ppo.kl_horizon, episodes)
             state.step += 1
             state.examples_seen += episodes
             state.extra = {"kl_coef": self.kl_coef}
@@ -402,6 +420,10 @@ class PPOTrainer:
         micro_size = min(config.training.batch_size, minibatch_size)
         # A fixed stream per step, so a resumed run shuffles exactly as an unbroken one.
         generator = torch.Generator().manual_seed(config.training.seed * 7919 + step)
+        # Gradient clipping covers what the optimizer steps: with one optimizer over both models the
+        # global norm is the joint one (clipping the policy alone would leave the critic unclipped).
+        clip_scope = (self.policy_model if self.critic_optimizer is not None
+                      else torch.nn.ModuleList([self.policy_model, self.critic_model]))
         totals: dict[str, float] = {}
         count = 0
         for _ in range(ppo.num_ppo_epochs):
@@ -421,11 +443,11 @@ class PPOTrainer:
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * float(weight)
                 if ppo.ptx_coef > 0:
-                    ptx_loss = self.ptx_loss(step, start)
+                    ptx_loss = self.ptx_loss(step * ppo.num_ppo_epochs * ppo.num_minibatches + count)
                     accelerator.backward(ppo.ptx_coef * ptx_loss)
                     totals["ptx_loss"] = totals.get("ptx_loss", 0.0) + float(ptx_loss)
                 count += 1
-                grad_norm = optimizer_step(accelerator, self.policy_model, self.policy_optimizer, self.policy_scheduler,
+                grad_norm = optimizer_step(accelerator, clip_scope, self.policy_optimizer, self.policy_scheduler,
                                            config.training.max_grad_norm)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
                 if self.critic_optimizer is not None:
@@ -455,12 +477,19 @@ class PPOTrainer:
                  **policy_stats, **value_stats}
         return loss, stats
 
-    def ptx_loss(self, step: int, minibatch_start: int) -> torch.Tensor:
+    def ptx_batch(self, update_index: int) -> list[int]:
+        """Indices of the ptx examples for optimizer step ``update_index`` (counted over the whole run).
+
+        Consecutive optimizer steps take consecutive, non-overlapping slices of the ptx data, cycling
+        through it, so every epoch and minibatch sees fresh pretraining examples (IGPT C.4 samples
+        8× as many pretraining examples as RL episodes) and a resumed run sees the same ones.
+        """
+        batch_size, count = self.config.ppo.ptx_batch_size, len(self.ptx_examples)
+        return [(update_index * batch_size + i) % count for i in range(batch_size)]
+
+    def ptx_loss(self, update_index: int) -> torch.Tensor:
         """Mean NLL of a pretraining/SFT batch (the γ_ptx term of InstructGPT's PPO-ptx)."""
-        ppo = self.config.ppo
-        count = len(self.ptx_examples)
-        offset = (step * ppo.num_ppo_epochs * ppo.num_minibatches * ppo.ptx_batch_size + minibatch_start) % count
-        examples = [self.ptx_examples[(offset + i) % count] for i in range(ppo.ptx_batch_size)]
+        examples = [self.ptx_examples[i] for i in self.ptx_batch(update_index)]
         objective = LanguageModelingObjective(self.tokenizer.pad_token_id)
         batch = {k: v.to(self.accelerator.device) for k, v in objective.collate(examples).items()}
         with self.accelerator.autocast():

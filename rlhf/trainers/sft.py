@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
-from rlhf.models import load_causal_lm, resolve_max_length
+from rlhf.models import disable_dropout, ensure_pad_token, load_causal_lm, resolve_max_length
+from rlhf.models.backbone import fit_to_tokenizer
 from rlhf.training import RunDirectory, SupervisedLoop, build_accelerator, save_pretrained_atomic, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,13 @@ class SFTTrainer:
     Args:
         config: the stage config.
         model, tokenizer: a causal LM and its tokenizer (default: built from ``config.model``).
-            A tokenizer without a dedicated pad token gets one; resize the model yourself if you
-            pass both, or pass only the tokenizer-less pair and let us build it.
+            A tokenizer without a dedicated pad token gets one, and the model's embeddings grow to
+            match; ``model.disable_dropout`` applies to a passed model too.
         train_dataset, eval_dataset: ``datasets.Dataset`` of rows in an SFT format (default: ``config.data``).
     """
 
     def __init__(self, config: SFTConfig, model=None, tokenizer=None, train_dataset=None, eval_dataset=None):
-        config.validate()
+        config.validate(model_given=model is not None, data_given=train_dataset is not None)
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -85,6 +86,11 @@ class SFTTrainer:
             self.model, self.tokenizer = load_causal_lm(config.model, self.tokenizer, seed=config.training.seed)
         elif self.tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
+        else:
+            ensure_pad_token(self.tokenizer)
+            fit_to_tokenizer(self.model, self.tokenizer)
+            if config.model.disable_dropout:
+                disable_dropout(self.model)
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
 
@@ -119,13 +125,18 @@ class SFTTrainer:
         return examples[0], examples[1]
 
     def write_samples(self, model, examples: list[dict], path: str) -> None:
-        """Greedy continuations of the first eval prompts, with the reference response."""
+        """Greedy continuations of the first eval prompts, with the reference response.
+
+        An example trained on every token ({text} data, or train_on_prompt) has no untrained
+        prompt; its first half serves as the prompt and the rest as the reference.
+        """
         chosen = examples[: self.config.logging.num_samples]
-        prompts = [prompt_of(e) for e in chosen]
+        prompts = [prompt_of(e) or e["input_ids"][:max(1, len(e["input_ids"]) // 2)] for e in chosen]
         responses = generate_responses(model, self.tokenizer, prompts, self.config.logging.max_new_tokens)
         rows = []
         for example, prompt, response in zip(chosen, prompts, responses):
-            reference = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+            reference = [t for t, label in zip(example["input_ids"][len(prompt):], example["labels"][len(prompt):])
+                         if label != IGNORE_INDEX]
             rows.append({"prompt": self.tokenizer.decode(prompt, skip_special_tokens=True), "response": response,
                          "reference": self.tokenizer.decode(reference, skip_special_tokens=True)})
         write_jsonl(path, rows)

@@ -1,0 +1,242 @@
+"""The whole pipeline: SFT -> (collect comparisons -> reward model -> PPO) × rounds -> evaluation -> report.
+
+Each stage reads the previous one's ``final/`` (DESIGN.md). A stage whose ``final/`` exists and
+whose config is unchanged is skipped on re-launch; a stage with checkpoints but no ``final/``
+resumes; so a killed pipeline continues where it stopped.
+
+Comparisons come from a simulated labeler (the demo's gold scorer with Bradley–Terry label
+noise, Christiano et al. 2017 / Gao et al. 2022) or from a preference file written by people.
+Round r samples from the current policy (SFT for round 0, then the previous round's PPO
+policy), labels, retrains the reward model on all comparisons so far, and runs PPO again
+from the current policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+
+import torch
+import yaml
+
+from rlhf.config import PipelineConfig, RewardConfig, PPOConfig, SFTConfig, to_dict
+from rlhf.data import load_table, pad_left, tokenize_prompts
+from rlhf.errors import UserError
+from rlhf.generation import sample_with_logprobs
+from rlhf.models import load_causal_lm
+from rlhf.config import ModelConfig
+from rlhf.trainers.ppo import PPOTrainer, load_reward_function
+from rlhf.trainers.reward import RewardTrainer
+from rlhf.trainers.sft import SFTTrainer
+from rlhf.training import write_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+def run_pipeline(config: PipelineConfig) -> str:
+    """Run every stage that is not already done; returns the path of report.md."""
+    root = config.output_dir
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "config.yaml"), "w", encoding="utf-8") as handle:
+        yaml.safe_dump(to_dict(config), handle, sort_keys=False, allow_unicode=True)
+
+    # Stage 1: SFT
+    sft = copy.deepcopy(config.sft)
+    sft.output_dir = os.path.join(root, "sft")
+    run_stage(SFTTrainer, sft)
+    sft_final = os.path.join(sft.output_dir, "final")
+
+    policy_path = sft_final
+    comparison_files: list[str] = []
+    for round_index in range(config.rounds):
+        round_dir = os.path.join(root, f"round-{round_index}")
+        # Stage 2a: comparisons (from the current policy), plus held-out pairs labelled without noise
+        if config.feedback.source == "file":
+            comparison_files = [config.feedback.file]
+            eval_pairs = None
+        else:
+            comparison_files.append(collect_comparisons(config, policy_path, round_dir, round_index))
+            eval_pairs = collect_comparisons(config, sft_final, round_dir, round_index, held_out=True)
+        # Stage 2b: reward model on all comparisons so far, from the SFT model (DESIGN.md)
+        rm = copy.deepcopy(config.rm)
+        rm.output_dir = os.path.join(round_dir, "rm")
+        rm.model = ModelConfig(name_or_path=sft_final)
+        rm.data.path = merge_files(comparison_files, os.path.join(round_dir, "feedback", "comparisons_all.jsonl"))
+        if eval_pairs is not None:
+            rm.data.eval_path = eval_pairs
+        run_stage(RewardTrainer, rm)
+        # Stage 3: PPO from the current policy, reference = SFT (the KL anchor stays the SFT model)
+        ppo = copy.deepcopy(config.ppo)
+        ppo.output_dir = os.path.join(round_dir, "ppo")
+        ppo.policy = ModelConfig(name_or_path=policy_path)
+        ppo.reward.model_path, ppo.reward.function = os.path.join(rm.output_dir, "final"), None
+        trainer_class = gold_monitored_trainer(config.evaluation.gold)
+        run_stage(trainer_class, ppo)
+        policy_path = os.path.join(ppo.output_dir, "final")
+
+    evaluation = evaluate_policies(config, sft_final, policy_path,
+                                   os.path.join(root, f"round-{config.rounds - 1}", "rm", "final"))
+    with open(os.path.join(root, "evaluation.json"), "w", encoding="utf-8") as handle:
+        json.dump(evaluation, handle, indent=2)
+    from rlhf.report import write_report
+
+    return write_report(root)
+
+
+# ----------------------------------------------------------------------------- stages
+
+def run_stage(trainer_class, stage_config) -> None:
+    """Skip a finished stage with an unchanged config, resume an interrupted one, else start it."""
+    saved_path = os.path.join(stage_config.output_dir, "config.yaml")
+    final_dir = os.path.join(stage_config.output_dir, "final")
+    saved = None
+    if os.path.exists(saved_path):
+        with open(saved_path, encoding="utf-8") as handle:
+            saved = yaml.safe_load(handle)
+    current = to_dict(stage_config)
+    unchanged = saved is not None and strip_overwrite(saved) == strip_overwrite(current)
+    if unchanged and os.path.isdir(final_dir):
+        logger.info("%s: done with the same config, skipped", stage_config.output_dir)
+        return
+    checkpoints = os.path.join(stage_config.output_dir, "checkpoints")
+    resume = unchanged and os.path.isdir(checkpoints) and any(n.startswith("step-") for n in os.listdir(checkpoints))
+    stage_config.overwrite = not resume  # a changed config re-runs the stage from scratch
+    logger.info("%s: %s", stage_config.output_dir, "resuming" if resume else "starting")
+    trainer_class(stage_config).train(resume=resume)
+
+
+def strip_overwrite(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "overwrite"}
+
+
+def gold_monitored_trainer(gold_spec: str | None):
+    """PPOTrainer that also logs the gold score of each rollout (``gold/mean``): the over-optimisation picture."""
+    if gold_spec is None:
+        return PPOTrainer
+    gold = load_reward_function(gold_spec)
+
+    class GoldMonitoredPPOTrainer(PPOTrainer):
+        def rollout_metrics(self, rollout):
+            metrics = super().rollout_metrics(rollout)
+            prompts = [self.tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+                       for ids, mask in zip(rollout.prompt_ids.tolist(), rollout.prompt_mask.tolist())]
+            responses = self.decode_responses(rollout.response_ids, rollout.response_mask)
+            metrics["gold/mean"] = sum(gold(prompts, responses)) / len(responses)
+            return metrics
+
+    return GoldMonitoredPPOTrainer
+
+
+# ----------------------------------------------------------------------------- simulated feedback
+
+def read_prompts(path: str, tokenizer, limit: int) -> tuple[list[str], list[list[int]]]:
+    table = load_table(path, key="feedback.prompts")
+    table = table.select(range(min(limit, len(table))))
+    return tokenize_prompts(table, tokenizer, max_prompt_length=10**9, path=path)
+
+
+@torch.no_grad()
+def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: int, temperature: float,
+                     max_new_tokens: int, batch_size: int, seed: int) -> list[list[str]]:
+    """``num_samples`` responses per prompt from the causal LM at ``model_path`` (text without EOS)."""
+    model, tokenizer = load_causal_lm(ModelConfig(name_or_path=model_path))
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    responses: list[list[str]] = [[] for _ in prompt_ids]
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        prompts = pad_left(chunk, tokenizer.pad_token_id)
+        mask = pad_left([[1] * len(p) for p in chunk], 0)
+        for _ in range(num_samples):
+            tokens, _ = sample_with_logprobs(model, prompts, mask, max_new_tokens, temperature, 0, 1.0,
+                                             tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            for offset, row in enumerate(tokens.tolist()):
+                kept = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+                responses[start + offset].append(
+                    tokenizer.decode([t for t in kept if t != tokenizer.pad_token_id], skip_special_tokens=True))
+    return responses
+
+
+def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str, round_index: int,
+                        held_out: bool = False) -> str:
+    """Sample K responses per prompt from the policy and have the labeler compare them; returns the file."""
+    feedback = config.feedback
+    name = "eval_pairs.jsonl" if held_out else "comparisons.jsonl"
+    path = os.path.join(round_dir, "feedback", name)
+    if os.path.exists(path):
+        return path
+    from rlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=policy_path))
+    prompts_path = feedback.eval_prompts if held_out else feedback.prompts
+    texts, ids = read_prompts(prompts_path, tokenizer, config.evaluation.num_prompts if held_out else feedback.num_prompts)
+    seed = config.sft.training.seed * 1000 + round_index * 10 + int(held_out)
+    responses = sample_responses(policy_path, ids, 2 if held_out else feedback.responses_per_prompt,
+                                 feedback.temperature, feedback.max_new_tokens, feedback.batch_size, seed)
+    labeler = load_reward_function(feedback.labeler)
+    # Held-out pairs are labelled without noise: RM accuracy there is agreement with the gold preference.
+    rows = labeler(texts, responses, random.Random(seed), 0.0 if held_out else feedback.noise_temperature,
+                   2 if held_out else feedback.responses_per_prompt)
+    if not rows:
+        raise UserError(f"feedback: the labeler produced no comparisons from {len(texts)} prompts of {prompts_path}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_jsonl(path, rows)
+    logger.info("feedback: %d comparisons from %s -> %s", len(rows), policy_path, path)
+    return path
+
+
+def merge_files(paths: list[str], target: str) -> str:
+    if len(paths) == 1:
+        return paths[0]
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            rows.extend(json.loads(line) for line in handle if line.strip())
+    write_jsonl(target, rows)
+    return target
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_policies(config: PipelineConfig, sft_path: str, ppo_path: str, reward_path: str) -> dict:
+    """Gold and proxy scores of SFT and PPO samples on held-out prompts, with standard errors and win rate."""
+    from rlhf.models import load_tokenizer
+    from rlhf.scoring import load_reward_model, score_texts
+
+    evaluation = config.evaluation
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=sft_path))
+    texts, ids = read_prompts(config.feedback.eval_prompts, tokenizer, evaluation.num_prompts)
+    seed = config.sft.training.seed * 1000 + 999
+    result: dict = {"num_prompts": len(texts), "samples": []}
+    reward_model, reward_tokenizer = load_reward_model(reward_path)
+    gold = load_reward_function(evaluation.gold) if evaluation.gold else None
+    scored = {}
+    for name, path in (("sft", sft_path), ("ppo", ppo_path)):
+        responses = [r[0] for r in sample_responses(path, ids, 1, evaluation.temperature, evaluation.max_new_tokens,
+                                                    config.feedback.batch_size, seed)]
+        proxy = score_texts(reward_model, reward_tokenizer, texts, responses)
+        gold_scores = gold(texts, responses) if gold else [float("nan")] * len(texts)
+        scored[name] = (responses, proxy, gold_scores)
+        result[name] = {"gold": summary(gold_scores), "proxy": summary(proxy)}
+    if gold:
+        sft_gold, ppo_gold = scored["sft"][2], scored["ppo"][2]
+        wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(ppo_gold, sft_gold))
+        result["win_rate_ppo_over_sft"] = wins / len(texts)
+        result["gold_gain_in_sft_std"] = ((result["ppo"]["gold"]["mean"] - result["sft"]["gold"]["mean"])
+                                          / max(result["sft"]["gold"]["std"], 1e-9))
+    for i in range(min(8, len(texts))):
+        result["samples"].append({"prompt": texts[i],
+                                  **{f"{name}_{field}": scored[name][k][i] for name in scored
+                                     for k, field in ((0, "response"), (1, "proxy"), (2, "gold"))}})
+    return result
+
+
+def summary(values: list[float]) -> dict:
+    count = len(values)
+    mean = sum(values) / count
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(count - 1, 1))
+    return {"mean": mean, "std": std, "stderr": std / math.sqrt(count), "n": count}

@@ -1,0 +1,257 @@
+"""The SFT stage on a tiny GPT-2 (2 layers, width 32): it learns, writes its run directory, resumes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from conftest import make_rows, tiny_sft_config, write_jsonl
+from rlhf import SFTConfig, SFTTrainer, TrainingConfig, UserError, load_config
+from rlhf.config import to_dict
+from rlhf.models import PAD_TOKEN, load_causal_lm
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+def generate_from(final_dir: str, prompt: str) -> tuple[str, object, object]:
+    """Load final/ with plain transformers (no rlhf code) and greedily continue ``prompt``."""
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]), model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def finished_run(tokenizer_dir, tmp_path_factory):
+    """One ordinary SFT run (2 epochs over 64 rows, 16 steps), shared by the read-only checks below."""
+    root = tmp_path_factory.mktemp("sft")
+    train = write_jsonl(root / "train.jsonl", make_rows(64, seed=1))
+    evaluation = write_jsonl(root / "eval.jsonl", make_rows(16, seed=2))
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, str(root / "run"), eval_every=8)
+    final_dir = SFTTrainer(config).train()
+    return config, final_dir
+
+
+def test_sft_lowers_eval_loss(finished_run):
+    config, _ = finished_run
+    evals = [m for m in read_metrics(config.output_dir) if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [0, 8, 16]
+    first, last = evals[0]["eval/loss"], evals[-1]["eval/loss"]
+    assert last < 0.8 * first, (first, last)
+    assert evals[-1]["eval/perplexity"] == pytest.approx(torch.tensor(last).exp().item(), rel=1e-6)
+
+
+def test_sft_writes_the_run_directory(finished_run):
+    config, final_dir = finished_run
+    assert final_dir == os.path.join(config.output_dir, "final")
+    train_lines = [m for m in read_metrics(config.output_dir) if "loss" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, 17))
+    for line in train_lines:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(line)
+        assert line["tokens_per_s"] > 0 and line["grad_norm"] > 0 and line["lr"] == pytest.approx(3e-3)
+    assert train_lines[-1]["epoch"] == 2.0
+    # config.yaml is the fully resolved config: loading it gives back the run's config.
+    assert load_config(SFTConfig, os.path.join(config.output_dir, "config.yaml")) == config
+    with open(os.path.join(config.output_dir, "samples.jsonl"), encoding="utf-8") as handle:
+        samples = [json.loads(line) for line in handle]
+    assert len(samples) == config.logging.num_samples
+    assert all({"prompt", "response", "reference"} <= set(s) and s["prompt"].startswith("Tell me about")
+               for s in samples)
+    assert not [name for name in os.listdir(config.output_dir) if name.startswith(".tmp")]  # nothing half-written
+
+
+def test_final_loads_with_plain_transformers_and_generates(finished_run):
+    _, final_dir = finished_run
+    text, model, tokenizer = generate_from(final_dir, "Tell me about the happy cat.\n")
+    assert tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+def test_custom_local_gpt2_without_pad_fine_tunes_and_reloads(tokenizer_dir, sft_files, tmp_path):
+    """Done-when: a local GPT-2 checkpoint whose tokenizer has no pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.pad_token is None
+    checkpoint = tmp_path / "my-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+
+    train, evaluation = sft_files
+    base = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=4)
+    config = load_config(SFTConfig, None, [f"{key}={value}" for key, value in {
+        "output_dir": base.output_dir, "model.name_or_path": str(checkpoint), "data.path": train,
+        "data.eval_path": evaluation, "training.max_steps": 4, "training.lr": 3e-3, "logging.num_samples": 1,
+    }.items()])
+    final_dir = SFTTrainer(config).train()
+
+    _, model, loaded_tokenizer = generate_from(final_dir, "Tell me about the sad dog.\n")
+    assert len(loaded_tokenizer) == len(tokenizer) + 1 == model.config.vocab_size
+    assert loaded_tokenizer.pad_token == PAD_TOKEN and loaded_tokenizer.pad_token_id == len(tokenizer)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 1
+
+
+def test_batch_8_equals_batch_2_with_4_accumulation_steps(tokenizer_dir, sft_files, tmp_path):
+    train, evaluation = sft_files
+    whole = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "b8"), batch_size=8, max_steps=4)
+    accumulated = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "b2x4"), batch_size=2,
+                                  gradient_accumulation_steps=4, max_steps=4)
+    for config in (whole, accumulated):
+        config.logging.num_samples = 0
+        SFTTrainer(config).train()
+    reference, result = final_weights(whole.output_dir), final_weights(accumulated.output_dir)
+    initial, _ = load_causal_lm(whole.model, seed=whole.training.seed)  # what both runs started from
+    initial = initial.state_dict()
+    assert reference.keys() == result.keys()
+    for name in reference:
+        assert torch.allclose(result[name], reference[name], atol=1e-5, rtol=0), name
+    moved = max((reference[name] - initial[name]).abs().max().item() for name in reference)
+    assert moved > 1e-3  # the runs trained: equal weights are not equal by standing still
+    losses = [[m["loss"] for m in read_metrics(c.output_dir) if "loss" in m] for c in (whole, accumulated)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_library_use_with_own_model_tokenizer_and_dataset(tokenizer_dir, tmp_path):
+    """Item 7: no CLI, no model block, no data file: a config built in Python plus objects of one's own."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # no pad token: the trainer adds one
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    conversations = [{"messages": [{"role": "user", "content": row["prompt"].strip()},
+                                   {"role": "assistant", "content": row["response"]}]} for row in make_rows(24)]
+    config = SFTConfig(output_dir=str(tmp_path / "run"),
+                       training=TrainingConfig(batch_size=8, lr=3e-3, max_steps=3, log_every=1))
+    config.logging.num_samples = 1
+    trainer = SFTTrainer(config, model=model, tokenizer=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(conversations[:16]),
+                         eval_dataset=datasets.Dataset.from_list(conversations[16:]))
+    final_dir = trainer.train()
+
+    metrics = read_metrics(config.output_dir)
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    assert metrics[-1]["eval/loss"] < metrics[0]["eval/loss"]
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    # The chat template used for training is saved with the tokenizer, so inference renders alike.
+    text, _, loaded = generate_from(final_dir, "<|user|>\nTell me about the happy cat.\n<|assistant|>\n")
+    assert loaded.chat_template == tokenizer.chat_template
+
+
+@pytest.mark.parametrize("data_format", ["text", "train_on_prompt"])
+def test_fully_trained_examples_train_and_sample(tokenizer_dir, tmp_path, data_format):
+    """{text} rows (here from csv), or prompt/response with train_on_prompt: no token is an untrained
+    prompt, yet the run ends with samples (the first half of each example serves as the prompt)."""
+    rows = make_rows(24)
+    if data_format == "text":
+        rows = [{"text": row["prompt"] + row["response"]} for row in rows]
+    train = str(tmp_path / "train.csv")
+    datasets.Dataset.from_list(rows).to_csv(train, index=False)
+    config = tiny_sft_config(tokenizer_dir, train, None, str(tmp_path / "run"), max_steps=2)
+    config.data.eval_fraction = 0.25
+    config.data.train_on_prompt = data_format == "train_on_prompt"
+    SFTTrainer(config).train()
+    with open(os.path.join(config.output_dir, "samples.jsonl"), encoding="utf-8") as handle:
+        samples = [json.loads(line) for line in handle]
+    assert len(samples) == config.logging.num_samples
+    for sample in samples:
+        assert sample["prompt"].startswith("Tell me about") and sample["reference"]
+
+
+# ----------------------------------------------------------------------------- kill and resume, for real
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    return env
+
+
+def launch(config_path: str, log_path, *extra: str) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "rlhf", "sft", "--config", config_path, *extra],
+                                stdout=log, stderr=subprocess.STDOUT, env=cli_env(), cwd=REPO)
+
+
+def complete_steps(run_dir: str) -> list[int]:
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return []
+    return sorted(int(name[5:]) for name in os.listdir(checkpoints)
+                  if name.startswith("step-") and os.path.isfile(os.path.join(checkpoints, name, "trainer_state.json")))
+
+
+def test_killed_run_resumes_to_the_same_weights(tokenizer_dir, sft_files, tmp_path):
+    """`rlhf sft` is SIGKILLed after its step-4 checkpoint; `--resume` must end bitwise equal to an
+    unbroken run. Dropout is on, so the restored RNG state matters, not only weights and optimizer."""
+    train, evaluation = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, "unused", max_steps=32, save_every=2, eval_every=8,
+                             keep_checkpoints=3, lr_scheduler="cosine", warmup_ratio=0.1)
+    config.model.from_config.dropout = 0.1
+    config.model.disable_dropout = False
+    config.logging.num_samples = 1
+    paths = {}
+    for name in ("broken", "unbroken"):
+        config.output_dir = str(tmp_path / name)
+        paths[name] = str(tmp_path / f"{name}.yaml")
+        with open(paths[name], "w", encoding="utf-8") as handle:
+            yaml.safe_dump(to_dict(config), handle)
+
+    unbroken = launch(paths["unbroken"], tmp_path / "unbroken.log")
+    broken = launch(paths["broken"], tmp_path / "broken.log")
+    broken_dir = str(tmp_path / "broken")
+    deadline = time.monotonic() + 120
+    while not any(step >= 4 for step in complete_steps(broken_dir)):
+        assert broken.poll() is None, (tmp_path / "broken.log").read_text()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    broken.send_signal(signal.SIGKILL)
+    broken.wait()
+    assert not os.path.exists(os.path.join(broken_dir, "final")), "killed too late: the run had finished"
+    killed_at = max(complete_steps(broken_dir))
+
+    # Without --resume the half-finished run is not clobbered (checked in-process: no extra launch).
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        SFTTrainer(load_config(SFTConfig, paths["broken"])).train()
+
+    resumed = launch(paths["broken"], tmp_path / "resumed.log", "--resume")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
+    assert unbroken.wait(timeout=300) == 0, (tmp_path / "unbroken.log").read_text()
+    assert f"resumed from {os.path.join(broken_dir, 'checkpoints', f'step-{killed_at}')}" in (
+        tmp_path / "resumed.log").read_text()
+
+    expected, result = final_weights(str(tmp_path / "unbroken")), final_weights(broken_dir)
+    assert expected.keys() == result.keys()
+    for name in expected:
+        assert torch.equal(result[name], expected[name]), name
+
+    # metrics.jsonl reads as one run: every step once, the same losses as the unbroken run.
+    metrics = read_metrics(broken_dir)
+    train_lines = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, 33))
+    assert [m["step"] for m in metrics if "eval/loss" in m] == [0, 8, 16, 24, 32]
+    unbroken_losses = [m["loss"] for m in read_metrics(str(tmp_path / "unbroken")) if "loss" in m]
+    assert [m["loss"] for m in train_lines] == unbroken_losses

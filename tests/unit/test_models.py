@@ -1,0 +1,238 @@
+"""The shared backbone: pad tokens, loading any causal LM, context size, dropout, and the scalar head."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from rlhf.config import ArchitectureConfig, ModelConfig
+from rlhf.errors import UserError
+from rlhf.models import (
+    PAD_TOKEN,
+    ScalarHeadModel,
+    disable_dropout,
+    ensure_pad_token,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    resolve_max_length,
+)
+
+TINY = ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+
+
+def tiny_model_config(tokenizer_dir, **architecture) -> ModelConfig:
+    arch = ArchitectureConfig(**{**TINY.__dict__, **architecture})
+    return ModelConfig(from_config=arch, tokenizer=tokenizer_dir)
+
+
+# ----------------------------------------------------------------------------- pad token
+
+def test_tokenizer_without_pad_gets_a_dedicated_pad_and_the_embeddings_grow(tokenizer_dir):
+    plain = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert plain.pad_token is None
+    model, tokenizer = load_causal_lm(tiny_model_config(tokenizer_dir))
+    assert tokenizer.pad_token == PAD_TOKEN
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert len(tokenizer) == len(plain) + 1
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_tokenizer_with_pad_equal_to_eos_also_gets_a_dedicated_pad(tokenizer_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.pad_token = tokenizer.eos_token  # the common (and harmful) GPT-2 recipe
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    assert loaded.pad_token == PAD_TOKEN and loaded.pad_token_id != loaded.eos_token_id
+
+
+def test_ensure_pad_token_keeps_a_dedicated_pad(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert ensure_pad_token(tokenizer) is True
+    pad_id, size = tokenizer.pad_token_id, len(tokenizer)
+    assert ensure_pad_token(tokenizer) is False
+    assert (tokenizer.pad_token_id, len(tokenizer)) == (pad_id, size)
+
+
+def test_passed_tokenizer_without_pad_gets_one_too(tokenizer_dir):
+    model, tokenizer = load_causal_lm(tiny_model_config(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir))
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+# ----------------------------------------------------------------------------- loading checkpoints
+
+def test_our_backbone_gives_the_logits_of_plain_transformers(tokenizer_dir, tmp_path):
+    """As minGPT's test_huggingface_import: a local checkpoint loads to exactly the same function."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    torch.manual_seed(0)
+    reference = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    reference.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    ours, _ = load_causal_lm(ModelConfig(name_or_path=str(tmp_path)))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    ours.eval()
+    plain.eval()
+    input_ids = torch.tensor([tokenizer("The cat sat on the mat.")["input_ids"][:6],
+                              tokenizer("The dog ran on the log.")["input_ids"][:6]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids).logits, plain(input_ids).logits)
+    assert next(ours.parameters()).dtype == torch.float32
+
+
+def test_missing_local_checkpoint_is_a_user_error(tmp_path, tokenizer_dir):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(UserError, match="model.name_or_path: directory .*no-such-model.* not found"):
+        load_causal_lm(ModelConfig(name_or_path=missing, tokenizer=tokenizer_dir))
+    with pytest.raises(UserError, match="model.name_or_path: cannot load a tokenizer from .*no-such-model"):
+        load_causal_lm(ModelConfig(name_or_path=missing))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=tokenizer_dir))
+    with pytest.raises(UserError, match="model.name_or_path: directory .*no-such-model.* not found"):
+        load_scalar_model(ModelConfig(name_or_path=missing), tokenizer)
+
+
+def test_directory_without_a_model_is_a_user_error(tmp_path, tokenizer_dir):
+    with pytest.raises(UserError, match="model.name_or_path: cannot load .* as a local directory"):
+        load_causal_lm(ModelConfig(name_or_path=str(tmp_path), tokenizer=tokenizer_dir))
+
+
+def test_resolve_max_length_caps_at_the_context_size(tokenizer_dir):
+    model, _ = load_causal_lm(tiny_model_config(tokenizer_dir, n_positions=48))
+    assert resolve_max_length(512, model) == 48
+    assert resolve_max_length(32, model) == 32
+
+
+def test_disable_dropout_makes_train_mode_deterministic(tokenizer_dir):
+    config = tiny_model_config(tokenizer_dir, dropout=0.5)
+    input_ids = torch.arange(3, 19).reshape(2, 8)
+
+    config.disable_dropout = False
+    noisy, _ = load_causal_lm(config)
+    noisy.train()
+    assert not torch.equal(noisy(input_ids).logits, noisy(input_ids).logits)  # the control: dropout is live
+
+    disable_dropout(noisy)
+    noisy.train()
+    assert torch.equal(noisy(input_ids).logits, noisy(input_ids).logits)
+    assert noisy.config.resid_pdrop == noisy.config.attn_pdrop == noisy.config.embd_pdrop == 0.0
+
+    config.disable_dropout = True
+    quiet, _ = load_causal_lm(config)
+    quiet.train()
+    assert torch.equal(quiet(input_ids).logits, quiet(input_ids).logits)
+
+
+# ----------------------------------------------------------------------------- scalar head
+
+@pytest.fixture(scope="module")
+def scalar_model(tokenizer_dir) -> tuple[ScalarHeadModel, object]:
+    tokenizer = load_tokenizer(tiny_model_config(tokenizer_dir))
+    model = load_scalar_model(tiny_model_config(tokenizer_dir), tokenizer, head_init="normal", seed=0)
+    return model.eval(), tokenizer
+
+
+def pad_row(ids: list[int], left: int, right: int, pad_id: int) -> tuple[list[int], list[int]]:
+    return [pad_id] * left + ids + [pad_id] * right, [0] * left + [1] * len(ids) + [0] * right
+
+
+@torch.no_grad()
+def test_score_is_read_at_the_last_token_whatever_the_padding(scalar_model):
+    """PPO-NOTES §4 item 9: left, right and mixed padding leave the score unchanged (≤1e-5)."""
+    model, tokenizer = scalar_model
+    sequences = [tokenizer("The cat is very happy.")["input_ids"] + [tokenizer.eos_token_id],
+                 tokenizer("The dog ran.")["input_ids"] + [tokenizer.eos_token_id]]
+    alone = torch.stack([model.score(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+                         for ids in sequences])
+    pad = tokenizer.pad_token_id
+    total = max(len(s) for s in sequences) + 5
+    first, second = (total - len(s) for s in sequences)
+    for padding in ([(0, first), (0, second)],                    # right
+                    [(first, 0), (second, 0)],                    # left
+                    [(2, first - 2), (second - 1, 1)]):           # mixed: both sides, different amounts
+        rows = [pad_row(ids, left, right, pad) for ids, (left, right) in zip(sequences, padding)]
+        input_ids = torch.tensor([r[0] for r in rows])
+        attention_mask = torch.tensor([r[1] for r in rows])
+        scores = model.score(input_ids, attention_mask)
+        assert torch.allclose(scores, alone, atol=1e-5, rtol=0), padding
+        # Whatever sits after the last valid token (pad ids or real words) cannot change the score.
+        garbage = input_ids.masked_fill(attention_mask == 0, tokenizer.eos_token_id)
+        garbage[:, 0] = torch.where(attention_mask[:, 0] == 0, 7, garbage[:, 0])
+        assert torch.allclose(model.score(garbage, attention_mask), alone, atol=1e-5, rtol=0), padding
+
+
+@torch.no_grad()
+def test_tokens_after_the_last_valid_token_do_not_change_the_score(scalar_model):
+    model, tokenizer = scalar_model
+    ids = tokenizer("The cat sat on the mat.")["input_ids"]
+    tails = [[tokenizer.pad_token_id] * 4, tokenizer(" the big red dog")["input_ids"][:4], [5, 6, 7, 8]]
+    mask = torch.tensor([[1] * len(ids) + [0] * 4] * len(tails))
+    scores = model.score(torch.tensor([ids + tail for tail in tails]), mask)
+    assert torch.allclose(scores, scores[0].expand(3), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_set_normalization_centres_the_scores(scalar_model):
+    model, tokenizer = scalar_model
+    texts = ["The cat is happy.", "The dog is sad.", "A bird sings in the tree.", "The sun and the moon."]
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    longest = max(len(e) for e in encoded)
+    input_ids = torch.tensor([e + [tokenizer.pad_token_id] * (longest - len(e)) for e in encoded])
+    mask = torch.tensor([[1] * len(e) + [0] * (longest - len(e)) for e in encoded])
+    raw = model.raw_score(input_ids, mask)
+    try:
+        model.set_normalization(raw.mean().item(), raw.std().item())
+        normalized = model.score(input_ids, mask)
+        assert abs(normalized.mean().item()) < 1e-5
+        assert normalized.std().item() == pytest.approx(1.0, abs=1e-5)
+        assert model.config.rlhf_reward_mean == pytest.approx(raw.mean().item())  # saved with the model
+    finally:
+        model.set_normalization(0.0, 1.0)
+
+
+def test_head_init_normal_has_std_one_over_sqrt_width_plus_one(scalar_model):
+    model, _ = scalar_model
+    saved = model.head.weight.detach().clone()
+    width = model.head.in_features
+    draws = []
+    for seed in range(60):  # 60 × 32 weights: the sample std is within a few percent
+        torch.manual_seed(seed)
+        model.init_head("normal")
+        draws.append(model.head.weight.detach().flatten().clone())
+    with torch.no_grad():
+        model.head.weight.copy_(saved)
+    draws = torch.cat(draws)
+    assert draws.std().item() == pytest.approx(1 / math.sqrt(width + 1), rel=0.08)
+    assert abs(draws.mean().item()) < 0.02
+
+
+def test_zero_head_gives_zero_values_everywhere(tokenizer_dir):
+    tokenizer = load_tokenizer(tiny_model_config(tokenizer_dir))
+    model = load_scalar_model(tiny_model_config(tokenizer_dir), tokenizer, head_init="zero")
+    input_ids = torch.tensor([tokenizer("The cat is happy.")["input_ids"]])
+    values = model(input_ids, torch.ones_like(input_ids))
+    assert values.shape == input_ids.shape
+    assert torch.equal(values, torch.zeros_like(values))
+
+
+def test_scalar_model_saves_as_a_sequence_classifier(scalar_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = scalar_model
+    model.save_pretrained(str(tmp_path))
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    input_ids = torch.tensor([tokenizer("The cat is happy.")["input_ids"]])
+    with torch.no_grad():
+        ours = model.raw_score(input_ids, torch.ones_like(input_ids))
+        theirs = loaded(input_ids).logits[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -1,0 +1,266 @@
+"""Preference data: the three formats, the HH prefix split, bad rows, one example per prompt, the collator."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import yaml
+
+from rlhf.config import ArchitectureConfig, ModelConfig, PreferenceDataConfig, RewardConfig, load_config
+from rlhf.errors import UserError
+from rlhf.models import load_tokenizer
+from rlhf.preference import (
+    chosen_sequences,
+    collate_preferences,
+    encode_prompt,
+    encode_response,
+    load_preference_examples,
+    split_conversation,
+    tokenize_preferences,
+)
+
+HH_PROMPT = "\n\nHuman: What should I feed my cat?\n\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(ModelConfig(from_config=ArchitectureConfig(), tokenizer=tokenizer_dir))
+
+
+def table(rows):
+    return datasets.Dataset.from_list(rows)
+
+
+def tokenize(rows, tokenizer, data_format="auto", max_length=64, **options):
+    from rlhf.preference import detect_preference_format
+
+    data = table(rows)
+    return tokenize_preferences(data, tokenizer, detect_preference_format(data, data_format, "rows"), max_length,
+                                "rows", **options)
+
+
+# ----------------------------------------------------------------------------- the HH prefix split
+
+def test_split_after_the_last_shared_assistant_marker():
+    chosen = HH_PROMPT + " Cat food, in small portions."
+    rejected = HH_PROMPT + " Chocolate."
+    assert split_conversation(chosen, rejected) == (HH_PROMPT, " Cat food, in small portions.", " Chocolate.")
+
+
+def test_split_keeps_shared_words_of_the_answer_in_the_responses():
+    # Both answers start with " I think"; the prompt still ends at the assistant marker.
+    chosen = HH_PROMPT + " I think cat food is best."
+    rejected = HH_PROMPT + " I think chocolate."
+    assert split_conversation(chosen, rejected) == (HH_PROMPT, " I think cat food is best.", " I think chocolate.")
+
+
+def test_split_uses_the_last_marker_of_a_multi_turn_conversation():
+    history = HH_PROMPT + " Cat food.\n\nHuman: How much?\n\nAssistant:"
+    prompt, chosen, rejected = split_conversation(history + " A little.", history + " A lot.")
+    assert prompt == history and chosen == " A little." and rejected == " A lot."
+
+
+def test_split_never_cuts_mid_word():
+    # Shared prefix "Q: pick one\nA: the red ca" ends inside "cat"/"car": back off to the last whitespace.
+    prompt, chosen, rejected = split_conversation("Q: pick one\nA: the red cat", "Q: pick one\nA: the red car")
+    assert (prompt, chosen, rejected) == ("Q: pick one\nA: the red", " cat", " car")
+
+
+def test_split_puts_the_separating_whitespace_on_the_response_side():
+    # The shared prefix "Hello there " ends in a space: the responses start with it (" friend").
+    assert split_conversation("Hello there friend", "Hello there buddy") == ("Hello there", " friend", " buddy")
+
+
+def test_split_when_one_conversation_extends_the_other():
+    # "Hello there" could continue ("therefore"), so the cut backs off a word; neither response is empty.
+    assert split_conversation("Hello there", "Hello there friend") == ("Hello", " there", " there friend")
+
+
+def test_split_without_a_boundary_gives_an_empty_prompt():
+    assert split_conversation("yes", "yeah") == ("", "yes", "yeah")
+
+
+def test_conversation_rows_become_prompt_plus_responses(tokenizer):
+    rows = [{"chosen": HH_PROMPT + " Cat food.", "rejected": HH_PROMPT + " Chocolate."}]
+    examples, report = tokenize(rows, tokenizer, max_length=128)
+    (example,) = examples
+    prompt_ids = encode_prompt(tokenizer, HH_PROMPT)
+    assert example["prompt_length"] == len(prompt_ids)
+    assert example["sequences"] == [prompt_ids + encode_response(tokenizer, " Cat food."),
+                                    prompt_ids + encode_response(tokenizer, " Chocolate.")]
+    assert example["pairs"] == [[0, 1]] and report.pairs_kept == 1
+
+
+# ----------------------------------------------------------------------------- formats and tokens
+
+def test_pairwise_tokens_are_prompt_then_response_then_eos(tokenizer):
+    rows = [{"prompt": "Tell me about the cat.\n", "chosen": "The cat is happy.", "rejected": "The cat is sad."}]
+    (example,), _ = tokenize(rows, tokenizer)
+    prompt_ids = tokenizer("Tell me about the cat.\n", add_special_tokens=True)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert pad != eos
+    for sequence, text in zip(example["sequences"], ["The cat is happy.", "The cat is sad."]):
+        assert sequence == prompt_ids + tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        assert sequence.count(eos) == 1 and pad not in sequence
+
+
+def test_response_already_ending_with_eos_gets_no_second_one(tokenizer):
+    assert encode_response(tokenizer, "The cat." + tokenizer.eos_token) == encode_response(tokenizer, "The cat.")
+
+
+def test_margin_column_is_carried_per_pair(tokenizer):
+    rows = [{"prompt": "p one\n", "chosen": "a b", "rejected": "c d", "margin": 2.5},
+            {"prompt": "p two\n", "chosen": "a b", "rejected": "c d", "margin": None}]
+    examples, _ = tokenize(rows, tokenizer)
+    assert [e["margins"] for e in examples] == [[2.5], [0.0]]
+
+
+def test_ranking_gives_all_ordered_pairs(tokenizer):
+    rows = [{"prompt": "Rank these.\n", "responses": ["mid", "worst", "best"], "ranking": [2, 0, 1]}]
+    (example,), report = tokenize(rows, tokenizer)
+    texts = [tokenizer.decode(s[example["prompt_length"]:-1]) for s in example["sequences"]]
+    named = {(texts[b], texts[w]) for b, w in example["pairs"]}
+    assert named == {("best", "mid"), ("best", "worst"), ("mid", "worst")}  # K(K-1)/2 = 3
+    assert len(example["sequences"]) == 3 and report.pairs_kept == 3
+
+
+def test_rows_sharing_a_prompt_become_one_example_with_distinct_responses(tokenizer):
+    rows = [{"prompt": "Same prompt\n", "chosen": "alpha", "rejected": "beta"},
+            {"prompt": "Same prompt\n", "chosen": "alpha", "rejected": "gamma"},
+            {"prompt": "Same prompt\n", "chosen": "gamma", "rejected": "beta"},
+            {"prompt": "Other prompt\n", "chosen": "alpha", "rejected": "beta"}]
+    examples, report = tokenize(rows, tokenizer)
+    assert [len(e["sequences"]) for e in examples] == [3, 2]  # each distinct response once
+    assert [len(e["pairs"]) for e in examples] == [3, 1] and report.prompts == 2
+    ungrouped, _ = tokenize(rows, tokenizer, group_by_prompt=False)
+    assert len(ungrouped) == 4
+
+
+def test_chosen_sequences_are_each_prompts_distinct_winners(tokenizer):
+    rows = [{"prompt": "P\n", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]},
+            {"prompt": "Q\n", "chosen": "x", "rejected": "y"}]
+    ranking, _ = tokenize(rows[:1], tokenizer)
+    pairwise, _ = tokenize(rows[1:], tokenizer)
+    assert len(chosen_sequences(ranking)) == 2  # every response but the worst
+    assert chosen_sequences(pairwise) == [pairwise[0]["sequences"][0]]
+
+
+def test_collate_puts_all_responses_in_one_batch_with_pair_indices(tokenizer):
+    rows = [{"prompt": "Rank\n", "responses": ["a", "bb", "ccc"], "ranking": [0, 1, 2]},
+            {"prompt": "Pick\n", "chosen": "yes", "rejected": "no"}]
+    ranked, _ = tokenize(rows[:1], tokenizer)
+    paired, _ = tokenize(rows[1:], tokenizer)
+    batch = collate_preferences(ranked + paired, tokenizer.pad_token_id)
+    assert list(batch)[0] == "pairs_per_prompt" and batch["pairs_per_prompt"].tolist() == [3, 1]
+    assert batch["input_ids"].shape[0] == 5  # 3 + 2 responses, one forward
+    assert batch["chosen_index"].tolist() == [0, 0, 1, 3] and batch["rejected_index"].tolist() == [1, 2, 2, 4]
+    assert batch["group_ids"].tolist() == [0, 0, 0, 1]
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths == [len(s) for s in ranked[0]["sequences"] + paired[0]["sequences"]]
+    padded = batch["input_ids"][batch["attention_mask"] == 0]
+    assert (padded == tokenizer.pad_token_id).all()
+
+
+# ----------------------------------------------------------------------------- bad rows
+
+def test_identical_empty_and_too_long_pairs_are_counted_and_dropped(tokenizer, caplog):
+    rows = [{"prompt": "ok\n", "chosen": "good answer", "rejected": "bad answer"},
+            {"prompt": "same\n", "chosen": "twin", "rejected": "twin"},
+            {"prompt": "blank\n", "chosen": "fine", "rejected": "   "},
+            {"prompt": "long " * 40 + "\n", "chosen": "a", "rejected": "b"}]
+    with caplog.at_level("WARNING"):
+        examples, report = tokenize(rows, tokenizer, max_length=32)
+    assert len(examples) == 1 and report.pairs_read == 4 and report.pairs_kept == 1
+    assert report.skipped == {"identical": 1, "empty": 1, "too_long": 1}
+    assert "1/4 pairs kept" in caplog.text and "1 identical, 1 empty, 1 too long" in caplog.text
+
+
+def test_too_long_response_drops_only_its_pairs(tokenizer):
+    rows = [{"prompt": "Rank\n", "responses": ["short", "word " * 40, "tiny"], "ranking": [0, 1, 2]}]
+    (example,), report = tokenize(rows, tokenizer, max_length=24)
+    assert len(example["sequences"]) == 2 and example["pairs"] == [[0, 1]]
+    assert report.skipped["too_long"] == 2
+
+
+def test_identical_conversations_are_skipped_not_split(tokenizer):
+    rows = [{"chosen": HH_PROMPT + " Same.", "rejected": HH_PROMPT + " Same."},
+            {"chosen": HH_PROMPT + " Fish.", "rejected": HH_PROMPT + " Rocks."}]
+    examples, report = tokenize(rows, tokenizer, max_length=128)
+    assert len(examples) == 1 and report.skipped["identical"] == 1
+
+
+def test_all_rows_skipped_is_an_error(tokenizer):
+    rows = [{"prompt": "p\n", "chosen": "same", "rejected": "same"}, {"prompt": "q\n", "chosen": "", "rejected": "x"}]
+    with pytest.raises(UserError, match="no usable comparison.*1 have identical responses, 1 an empty response"):
+        tokenize(rows, tokenizer)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1]}, "has 2 entries but there are 3 responses"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1, 1]}, "not a permutation of 0..2"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [1, 2]}, "not a permutation of 0..1"),
+    ({"prompt": "p", "responses": "a", "ranking": [0]}, "'responses' must be a list of texts"),
+])
+def test_structural_ranking_problems_are_errors(tokenizer, row, message):
+    with pytest.raises(UserError, match=message):
+        tokenize([row], tokenizer)
+
+
+def test_margin_problems_are_errors(tokenizer):
+    with pytest.raises(UserError, match="row 0: column 'margin' must be a finite number"):
+        tokenize([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}], tokenizer)
+    with pytest.raises(UserError, match="a ranking has no single margin"):
+        tokenize([{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "margin": 1.0}], tokenizer)
+
+
+def test_missing_columns_name_what_the_file_has(tmp_path, tokenizer):
+    path = tmp_path / "pref.jsonl"
+    path.write_text('{"question": "q", "good": "a", "bad": "b"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="cannot tell the preference format.*'question', 'good', 'bad'"):
+        load_preference_examples(PreferenceDataConfig(path=str(path)), tokenizer, 64, seed=0)
+    with pytest.raises(UserError, match="data.columns.chosen: column 'Chosen' not found"):
+        load_preference_examples(PreferenceDataConfig(path=str(path), columns={"chosen": "Chosen"}), tokenizer, 64, 0)
+    with pytest.raises(UserError, match="format 'ranking' needs column"):
+        load_preference_examples(PreferenceDataConfig(path=str(path), format="ranking"), tokenizer, 64, 0)
+    mapped = PreferenceDataConfig(path=str(path), columns={"prompt": "question", "chosen": "good", "rejected": "bad"},
+                                  eval_fraction=0.0)
+    train, evaluation = load_preference_examples(mapped, tokenizer, 64, 0)
+    assert len(train) == 1 and evaluation == []
+
+
+def test_eval_fraction_holds_out_whole_prompts(tmp_path, tokenizer):
+    rows = [{"prompt": f"prompt {i % 10}\n", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
+    path = tmp_path / "pref.jsonl"
+    path.write_text("\n".join(__import__("json").dumps(r) for r in rows), encoding="utf-8")
+    train, evaluation = load_preference_examples(PreferenceDataConfig(path=str(path), eval_fraction=0.2), tokenizer, 64, 0)
+    assert len(train) == 8 and len(evaluation) == 2
+    prompt = lambda e: tuple(e["sequences"][0][: e["prompt_length"]])  # noqa: E731
+    assert not {prompt(e) for e in train} & {prompt(e) for e in evaluation}
+    assert sum(len(e["pairs"]) for e in train + evaluation) == 40
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_reward_config_checks(tmp_path):
+    base = {"model": {"name_or_path": "runs/sft/final"}, "data": {"path": "pref.jsonl"}}
+    config_path = tmp_path / "rm.yaml"
+    config_path.write_text(yaml.safe_dump(base), encoding="utf-8")
+    config = load_config(RewardConfig, str(config_path))
+    assert config.normalization.set == "eval" and config.data.format == "auto" and config.output_dir == "runs/rm"
+    assert load_config(RewardConfig, None, ["data.path=x.jsonl"]).model.name_or_path == "runs/sft/final"
+    with pytest.raises(UserError) as caught:
+        load_config(RewardConfig, str(config_path), ["data.columns={chosen: a, rejectd: b}",
+                                                     "normalization.set=missing.jsonl", "data.eval_fraction=0"])
+    message = str(caught.value)
+    assert "data.columns.rejectd: not a preference column; did you mean 'rejected'?" in message
+    assert "normalization.set: 'missing.jsonl' is not eval, train or none" in message
+    with pytest.raises(UserError, match="normalization.set: 'eval' needs evaluation data"):
+        load_config(RewardConfig, str(config_path), ["data.eval_fraction=0"])
+    with pytest.raises(UserError, match="data.format: 'pairs' is not one of"):
+        load_config(RewardConfig, str(config_path), ["data.format=pairs"])
+
+
+@pytest.mark.parametrize("name", ["rm.yaml", "rm_gpt2.yaml"])
+def test_shipped_reward_configs_load(name):
+    config = load_config(RewardConfig, f"configs/{name}")
+    assert config.data.path and config.model.name_or_path
