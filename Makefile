@@ -1,29 +1,34 @@
 # Two commands do all set-up on a fresh machine with Python 3.10+:
-#   make demo   -- create .venv, install, run the main job on the embedded default (CPU)
+#   make demo   -- create .venv, install, run the whole pipeline on the embedded demo (CPU)
 #   make test   -- create .venv, install, run the test suite
 # torch is pinned to the CPU build only here (dev/CI); the library itself accepts any torch>=2.1.
 
-PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
+PYTHON     ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test clean
 
-$(STAMP): setup.py
+$(VENV)/.base: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	touch $@
 
-setup: $(STAMP)
+$(VENV)/.report: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[report]"
+	touch $@
 
-demo: $(STAMP)
-	$(VENV)/bin/rlhf sft --config configs/sft.yaml overwrite=true
+demo: $(VENV)/.report
+	$(VENV)/bin/rlhf pipeline --config configs/pipeline.yaml
 
-test: $(STAMP)
+test: $(VENV)/.dev
 	$(PY) -m pytest -q tests
 
 clean:

@@ -76,6 +76,10 @@ def setup_logging() -> None:
     for noisy in ("transformers", "datasets", "accelerate", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    # Keep the terminal to our progress and errors; a newly initialised score head is expected here.
+    transformers.utils.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main_entry() -> None:
+    """Console-script entry point (``rlhf``)."""
     sys.exit(main())
 
 
-def main_entry() -> None:
-    """Console-script entry point (``rlhf``)."""
+if __name__ == "__main__":
     sys.exit(main())

@@ -48,7 +48,8 @@ def encode_pair(tokenizer, prompt: str, response: str) -> list[int]:
 
 
 @torch.no_grad()
-def raw_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_token_id: int, batch_size: int = 32) -> list[float]:
+def raw_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_token_id: int,
+               batch_size: int = 32) -> list[float]:
     """Unnormalised rewards of token sequences (each ending with EOS), in the input order.
 
     Sequences are batched by length to save padding; the score does not depend on padding.
@@ -83,7 +84,7 @@ def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[str], responses
 
 def score_file(model_path: str, data_path: str, output: str | None = None, batch_size: int = 32,
                device: str | None = None) -> list[dict]:
-    """Score every ``{prompt, response}`` row of ``data_path``; write ``{prompt, response, score}`` jsonl to ``output``."""
+    """Score every ``{prompt, response}`` row of ``data_path``; write ``{prompt, response, score}`` to ``output``."""
     from rlhf.training import write_jsonl
 
     table = load_table(data_path, "train", "--data")

@@ -409,7 +409,7 @@ class SupervisedLoop:
         if resume_from:
             logger.info("resumed from %s at step %d", resume_from, state.step)
         metrics_logger = MetricsLogger(accelerator, self.run.metrics_path, resume_step=state.step if resume_from else None)
-        if state.step == 0:
+        if state.step == 0 and self.eval_examples:
             metrics_logger.log(0, prefix("eval/", self.evaluate()), epoch=0.0)
         progress = tqdm(total=self.total_steps, initial=state.step, desc=self.progress_desc,
                         disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -451,10 +451,12 @@ class SupervisedLoop:
                     on_log(state.step, metrics)
                 window_sums, window_units, window_tokens, window_start = {}, 0.0, 0, time.perf_counter()
             is_last_step = state.step == self.total_steps
-            if (training.eval_every and state.step % training.eval_every == 0) or is_last_step:
+            paused_at = time.perf_counter()  # evaluation and saving are not training: keep them out of tokens_per_s
+            if ((training.eval_every and state.step % training.eval_every == 0) or is_last_step) and self.eval_examples:
                 metrics_logger.log(state.step, prefix("eval/", self.evaluate()))
             if training.save_every and state.step % training.save_every == 0 and not is_last_step:
                 save_checkpoint(accelerator, self.run, state, training.keep_checkpoints)
+            window_start += time.perf_counter() - paused_at
         progress.close()
         return state
 

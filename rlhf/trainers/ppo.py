@@ -445,7 +445,7 @@ class PPOTrainer:
                 if ppo.ptx_coef > 0:
                     ptx_loss = self.ptx_loss(step * ppo.num_ppo_epochs * ppo.num_minibatches + count)
                     accelerator.backward(ppo.ptx_coef * ptx_loss)
-                    totals["ptx_loss"] = totals.get("ptx_loss", 0.0) + float(ptx_loss)
+                    totals["ptx_loss"] = totals.get("ptx_loss", 0.0) + float(ptx_loss.detach())
                 count += 1
                 grad_norm = optimizer_step(accelerator, clip_scope, self.policy_optimizer, self.policy_scheduler,
                                            config.training.max_grad_norm)

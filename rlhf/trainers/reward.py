@@ -163,7 +163,8 @@ class RewardTrainer:
         config = self.config
         run = RunDirectory(config.output_dir)
         accelerator = build_accelerator(config.training, config.logging, run, config)
-        resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite, is_main=accelerator.is_main_process)
+        resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite,
+                                  is_main=accelerator.is_main_process)
 
         self.model, self.tokenizer = self.build_model()
         max_length = resolve_max_length(config.data.max_length, self.model)
@@ -293,10 +294,11 @@ class RewardTrainer:
         for example in examples[: self.config.logging.num_samples]:
             rewards = model.normalize(torch.tensor(raw_scores(model, example["sequences"], self.tokenizer.pad_token_id),
                                                    dtype=torch.float64)).tolist()
-            prompt = self.tokenizer.decode(example["sequences"][0][: example["prompt_length"]], skip_special_tokens=True)
+            prompt_ids = example["sequences"][0][: example["prompt_length"]]
+            prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
             for better, worse in example["pairs"]:
-                rows.append({"prompt": prompt,
-                             "chosen": self.decode_response(example, better), "rejected": self.decode_response(example, worse),
+                rows.append({"prompt": prompt, "chosen": self.decode_response(example, better),
+                             "rejected": self.decode_response(example, worse),
                              "chosen_reward": rewards[better], "rejected_reward": rewards[worse]})
         write_jsonl(path, rows)
 

@@ -50,7 +50,6 @@ def cli_results(tokenizer_dir, tmp_path_factory) -> dict[str, subprocess.Complet
     for name, process in processes.items():
         stdout, stderr = process.communicate(timeout=300)
         results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    results["root"] = root
     return results
 
 

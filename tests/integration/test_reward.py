@@ -198,7 +198,8 @@ def test_tiny_rm_learns_a_separable_preference(trained_rm):
     train = [m for m in metrics if "loss" in m]
     assert train[-1]["loss"] < train[0]["loss"] and {"accuracy", "margin", "reward/chosen_mean",
                                                      "reward/rejected_std", "tokens_per_s"} <= set(train[-1])
-    assert evals[-1]["eval/margin"] > 0 and evals[-1]["eval/reward/chosen_mean"] > evals[-1]["eval/reward/rejected_mean"]
+    last = evals[-1]
+    assert last["eval/margin"] > 0 and last["eval/reward/chosen_mean"] > last["eval/reward/rejected_mean"]
     assert any("normalization/mean" in m for m in metrics)
     samples = [json.loads(line) for line in open(os.path.join(config.output_dir, "samples.jsonl"), encoding="utf-8")]
     assert samples and samples[0]["chosen_reward"] > samples[0]["rejected_reward"]
@@ -236,7 +237,8 @@ def test_final_loads_in_plain_transformers_with_the_same_score(trained_rm):
 def test_score_command_scores_a_file(trained_rm, tmp_path, capsys):
     _, final_dir, _ = trained_rm
     rows = [{"prompt": "Tell me about the red cat on the mat.\n", "response": text}
-            for text in ("The red cat sat on the mat and is very happy.", "The red cat sat on the mat and is very sad.")]
+            for text in ("The red cat sat on the mat and is very happy.",
+                         "The red cat sat on the mat and is very sad.")]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     output = str(tmp_path / "scores.jsonl")
     assert main(["score", "--model", final_dir, "--data", data, "--output", output]) == 0
@@ -272,7 +274,8 @@ def test_resume_gives_bitwise_the_uninterrupted_final(tokenizer_dir, tmp_path, m
     assert not os.path.exists(broken_config.output_dir + "/final")
     resumed = RewardTrainer(broken_config).train(resume=True)
 
-    expected, actual = load_file(os.path.join(unbroken, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
+    expected = load_file(os.path.join(unbroken, "model.safetensors"))
+    actual = load_file(os.path.join(resumed, "model.safetensors"))
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     with open(os.path.join(unbroken, "config.json")) as a, open(os.path.join(resumed, "config.json")) as b:
@@ -303,7 +306,8 @@ def test_cli_bad_column_is_one_line_and_exit_2(tokenizer_dir, tmp_path, capsys):
     config_path = tmp_path / "rm.yaml"
     config_path.write_text(json.dumps({
         "output_dir": str(tmp_path / "run"),
-        "model": {"from_config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}, "tokenizer": tokenizer_dir},
+        "model": {"from_config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64},
+                  "tokenizer": tokenizer_dir},
         "data": {"path": train, "columns": {"chosen": "better"}},
     }), encoding="utf-8")
     assert main(["rm", "--config", str(config_path)]) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -103,12 +102,14 @@ def test_custom_local_gpt2_without_pad_fine_tunes_and_reloads(tokenizer_dir, sft
     tokenizer.save_pretrained(checkpoint)
 
     train, evaluation = sft_files
-    base = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=4)
+    # The same overrides a user gives on the command line: `model.name_or_path=<dir>`.
     config = load_config(SFTConfig, None, [f"{key}={value}" for key, value in {
-        "output_dir": base.output_dir, "model.name_or_path": str(checkpoint), "data.path": train,
+        "output_dir": tmp_path / "run", "model.name_or_path": checkpoint, "data.path": train,
         "data.eval_path": evaluation, "training.max_steps": 4, "training.lr": 3e-3, "logging.num_samples": 1,
     }.items()])
     final_dir = SFTTrainer(config).train()
+    evals = [m["eval/loss"] for m in read_metrics(config.output_dir) if "eval/loss" in m]
+    assert evals[-1] < evals[0]
 
     _, model, loaded_tokenizer = generate_from(final_dir, "Tell me about the sad dog.\n")
     assert len(loaded_tokenizer) == len(tokenizer) + 1 == model.config.vocab_size
@@ -157,7 +158,7 @@ def test_library_use_with_own_model_tokenizer_and_dataset(tokenizer_dir, tmp_pat
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
     # The chat template used for training is saved with the tokenizer, so inference renders alike.
-    text, _, loaded = generate_from(final_dir, "<|user|>\nTell me about the happy cat.\n<|assistant|>\n")
+    _, _, loaded = generate_from(final_dir, "<|user|>\nTell me about the happy cat.\n<|assistant|>\n")
     assert loaded.chat_template == tokenizer.chat_template
 
 
@@ -179,6 +180,16 @@ def test_fully_trained_examples_train_and_sample(tokenizer_dir, tmp_path, data_f
     assert len(samples) == config.logging.num_samples
     for sample in samples:
         assert sample["prompt"].startswith("Tell me about") and sample["reference"]
+
+
+def test_run_without_eval_data_logs_only_training_lines(tokenizer_dir, sft_files, tmp_path):
+    train, _ = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, None, str(tmp_path / "run"), max_steps=3, eval_every=1)
+    config.data.eval_fraction = 0.0
+    SFTTrainer(config).train()
+    metrics = read_metrics(config.output_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all("loss" in m for m in metrics)
+    assert os.path.isfile(os.path.join(config.output_dir, "samples.jsonl"))  # sampled from training prompts
 
 
 # ----------------------------------------------------------------------------- kill and resume, for real

@@ -232,7 +232,8 @@ def test_eval_fraction_holds_out_whole_prompts(tmp_path, tokenizer):
     rows = [{"prompt": f"prompt {i % 10}\n", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
     path = tmp_path / "pref.jsonl"
     path.write_text("\n".join(__import__("json").dumps(r) for r in rows), encoding="utf-8")
-    train, evaluation = load_preference_examples(PreferenceDataConfig(path=str(path), eval_fraction=0.2), tokenizer, 64, 0)
+    data_config = PreferenceDataConfig(path=str(path), eval_fraction=0.2)
+    train, evaluation = load_preference_examples(data_config, tokenizer, 64, 0)
     assert len(train) == 8 and len(evaluation) == 2
     prompt = lambda e: tuple(e["sequences"][0][: e["prompt_length"]])  # noqa: E731
     assert not {prompt(e) for e in train} & {prompt(e) for e in evaluation}
