@@ -608,6 +608,7 @@ class PipelineConfig:
 
     output_dir: str = param("runs/pipeline", help="holds sft/, round-N/{feedback,rm,ppo}/, evaluation.json, report.md")
     rounds: int = param(1, help="iterations of (collect comparisons, train RM, run PPO) after SFT", min=1)
+    seed: int | None = param(None, help="if set, the seed of every stage (and of sampling and labelling)")
     sft: SFTConfig = param(default_factory=SFTConfig, help="stage 1 (its output_dir is replaced by <output_dir>/sft)")
     rm: RewardConfig = param(default_factory=RewardConfig, help="stage 2 (model and data paths are filled in by the pipeline)")
     ppo: PPOConfig = param(default_factory=PPOConfig, help="stage 3 (policy, reward and critic paths are filled in)")

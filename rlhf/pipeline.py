@@ -13,17 +13,19 @@ from the current policy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
 import random
+import time
 
 import torch
 import yaml
 
-from rlhf.config import PipelineConfig, RewardConfig, PPOConfig, SFTConfig, to_dict
+from rlhf.config import PipelineConfig, to_dict
 from rlhf.data import load_table, pad_left, tokenize_prompts
 from rlhf.errors import UserError
 from rlhf.generation import sample_with_logprobs
@@ -40,14 +42,20 @@ logger = logging.getLogger(__name__)
 def run_pipeline(config: PipelineConfig) -> str:
     """Run every stage that is not already done; returns the path of report.md."""
     root = config.output_dir
+    if config.seed is not None:
+        config = copy.deepcopy(config)
+        for stage in (config.sft, config.rm, config.ppo):
+            stage.training.seed = config.seed
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "config.yaml"), "w", encoding="utf-8") as handle:
         yaml.safe_dump(to_dict(config), handle, sort_keys=False, allow_unicode=True)
 
-    # Stage 1: SFT
+    timings = StageTimings(os.path.join(root, "timings.json"))
+    # Stage 1: SFT. A stage that runs forces every later stage to run again (its input changed).
     sft = copy.deepcopy(config.sft)
     sft.output_dir = os.path.join(root, "sft")
-    run_stage(SFTTrainer, sft)
+    with timings.measure("sft") as record:
+        upstream_ran = record(run_stage(SFTTrainer, sft, force=False))
     sft_final = os.path.join(sft.output_dir, "final")
 
     policy_path = sft_final
@@ -59,8 +67,12 @@ def run_pipeline(config: PipelineConfig) -> str:
             comparison_files = [config.feedback.file]
             eval_pairs = None
         else:
-            comparison_files.append(collect_comparisons(config, policy_path, round_dir, round_index))
-            eval_pairs = collect_comparisons(config, sft_final, round_dir, round_index, held_out=True)
+            with timings.measure(f"round-{round_index}/feedback") as record:
+                new_file, collected = collect_comparisons(config, policy_path, round_dir, round_index, force=upstream_ran)
+                eval_pairs, collected_eval = collect_comparisons(config, sft_final, round_dir, round_index,
+                                                                 held_out=True, force=upstream_ran)
+                upstream_ran = record(collected or collected_eval) or upstream_ran
+            comparison_files.append(new_file)
         # Stage 2b: reward model on all comparisons so far, from the SFT model (DESIGN.md)
         rm = copy.deepcopy(config.rm)
         rm.output_dir = os.path.join(round_dir, "rm")
@@ -68,18 +80,23 @@ def run_pipeline(config: PipelineConfig) -> str:
         rm.data.path = merge_files(comparison_files, os.path.join(round_dir, "feedback", "comparisons_all.jsonl"))
         if eval_pairs is not None:
             rm.data.eval_path = eval_pairs
-        run_stage(RewardTrainer, rm)
-        # Stage 3: PPO from the current policy, reference = SFT (the KL anchor stays the SFT model)
+        with timings.measure(f"round-{round_index}/rm") as record:
+            upstream_ran = record(run_stage(RewardTrainer, rm, force=upstream_ran)) or upstream_ran
+        # Stage 3: PPO from the current policy; its frozen reference (the KL anchor) is that same
+        # starting policy: the SFT model in round 0, the previous round's PPO policy after that.
         ppo = copy.deepcopy(config.ppo)
         ppo.output_dir = os.path.join(round_dir, "ppo")
         ppo.policy = ModelConfig(name_or_path=policy_path)
         ppo.reward.model_path, ppo.reward.function = os.path.join(rm.output_dir, "final"), None
         trainer_class = gold_monitored_trainer(config.evaluation.gold)
-        run_stage(trainer_class, ppo)
+        with timings.measure(f"round-{round_index}/ppo") as record:
+            upstream_ran = record(run_stage(trainer_class, ppo, force=upstream_ran)) or upstream_ran
         policy_path = os.path.join(ppo.output_dir, "final")
 
-    evaluation = evaluate_policies(config, sft_final, policy_path,
-                                   os.path.join(root, f"round-{config.rounds - 1}", "rm", "final"))
+    with timings.measure("evaluation") as record:
+        evaluation = evaluate_policies(config, sft_final, policy_path,
+                                       os.path.join(root, f"round-{config.rounds - 1}", "rm", "final"))
+        record(True)
     with open(os.path.join(root, "evaluation.json"), "w", encoding="utf-8") as handle:
         json.dump(evaluation, handle, indent=2)
     from rlhf.report import write_report
@@ -89,8 +106,38 @@ def run_pipeline(config: PipelineConfig) -> str:
 
 # ----------------------------------------------------------------------------- stages
 
-def run_stage(trainer_class, stage_config) -> None:
-    """Skip a finished stage with an unchanged config, resume an interrupted one, else start it."""
+class StageTimings:
+    """Wall seconds of each stage, kept in timings.json; a skipped stage keeps its earlier time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.seconds: dict[str, float] = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                self.seconds = json.load(handle)
+
+    @contextlib.contextmanager
+    def measure(self, name: str):
+        """``with timings.measure(name) as record: record(ran)``; the time is kept only when ``ran``."""
+        start = time.perf_counter()
+        outcome = {"ran": False}
+
+        def record(ran: bool) -> bool:
+            outcome["ran"] = bool(ran)
+            return ran
+
+        yield record
+        if outcome["ran"]:
+            self.seconds[name] = round(time.perf_counter() - start, 1)
+            with open(self.path, "w", encoding="utf-8") as handle:
+                json.dump(self.seconds, handle, indent=2)
+
+
+def run_stage(trainer_class, stage_config, force: bool) -> bool:
+    """Skip a finished stage with an unchanged config, resume an interrupted one, else start it.
+
+    ``force``: an earlier stage ran, so this one's inputs changed: start it afresh. Returns whether it ran.
+    """
     saved_path = os.path.join(stage_config.output_dir, "config.yaml")
     final_dir = os.path.join(stage_config.output_dir, "final")
     saved = None
@@ -98,15 +145,16 @@ def run_stage(trainer_class, stage_config) -> None:
         with open(saved_path, encoding="utf-8") as handle:
             saved = yaml.safe_load(handle)
     current = to_dict(stage_config)
-    unchanged = saved is not None and strip_overwrite(saved) == strip_overwrite(current)
+    unchanged = not force and saved is not None and strip_overwrite(saved) == strip_overwrite(current)
     if unchanged and os.path.isdir(final_dir):
         logger.info("%s: done with the same config, skipped", stage_config.output_dir)
-        return
+        return False
     checkpoints = os.path.join(stage_config.output_dir, "checkpoints")
     resume = unchanged and os.path.isdir(checkpoints) and any(n.startswith("step-") for n in os.listdir(checkpoints))
     stage_config.overwrite = not resume  # a changed config re-runs the stage from scratch
     logger.info("%s: %s", stage_config.output_dir, "resuming" if resume else "starting")
     trainer_class(stage_config).train(resume=resume)
+    return True
 
 
 def strip_overwrite(config: dict) -> dict:
@@ -117,7 +165,7 @@ def gold_monitored_trainer(gold_spec: str | None):
     """PPOTrainer that also logs the gold score of each rollout (``gold/mean``): the over-optimisation picture."""
     if gold_spec is None:
         return PPOTrainer
-    gold = load_reward_function(gold_spec)
+    gold = load_reward_function(gold_spec, key="evaluation.gold")
 
     class GoldMonitoredPPOTrainer(PPOTrainer):
         def rollout_metrics(self, rollout):
@@ -162,13 +210,22 @@ def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: 
 
 
 def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str, round_index: int,
-                        held_out: bool = False) -> str:
-    """Sample K responses per prompt from the policy and have the labeler compare them; returns the file."""
+                        held_out: bool = False, force: bool = False) -> tuple[str, bool]:
+    """Sample K responses per prompt from the policy and have the labeler compare them.
+
+    Returns the file and whether it was (re)written: an existing file is reused when the
+    feedback settings that made it are unchanged and the policy did not change (``force``).
+    """
     feedback = config.feedback
     name = "eval_pairs.jsonl" if held_out else "comparisons.jsonl"
     path = os.path.join(round_dir, "feedback", name)
-    if os.path.exists(path):
-        return path
+    settings = {"feedback": to_dict(feedback), "policy": policy_path, "eval_num_prompts": config.evaluation.num_prompts,
+                "seed": config.sft.training.seed}
+    settings_path = path + ".settings.json"
+    if not force and os.path.exists(path) and os.path.exists(settings_path):
+        with open(settings_path, encoding="utf-8") as handle:
+            if json.load(handle) == settings:
+                return path, False
     from rlhf.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=policy_path))
@@ -177,7 +234,7 @@ def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str
     seed = config.sft.training.seed * 1000 + round_index * 10 + int(held_out)
     responses = sample_responses(policy_path, ids, 2 if held_out else feedback.responses_per_prompt,
                                  feedback.temperature, feedback.max_new_tokens, feedback.batch_size, seed)
-    labeler = load_reward_function(feedback.labeler)
+    labeler = load_reward_function(feedback.labeler, key="feedback.labeler")
     # Held-out pairs are labelled without noise: RM accuracy there is agreement with the gold preference.
     rows = labeler(texts, responses, random.Random(seed), 0.0 if held_out else feedback.noise_temperature,
                    2 if held_out else feedback.responses_per_prompt)
@@ -185,8 +242,10 @@ def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str
         raise UserError(f"feedback: the labeler produced no comparisons from {len(texts)} prompts of {prompts_path}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_jsonl(path, rows)
+    with open(settings_path, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
     logger.info("feedback: %d comparisons from %s -> %s", len(rows), policy_path, path)
-    return path
+    return path, True
 
 
 def merge_files(paths: list[str], target: str) -> str:
@@ -213,7 +272,7 @@ def evaluate_policies(config: PipelineConfig, sft_path: str, ppo_path: str, rewa
     seed = config.sft.training.seed * 1000 + 999
     result: dict = {"num_prompts": len(texts), "samples": []}
     reward_model, reward_tokenizer = load_reward_model(reward_path)
-    gold = load_reward_function(evaluation.gold) if evaluation.gold else None
+    gold = load_reward_function(evaluation.gold, key="evaluation.gold") if evaluation.gold else None
     scored = {}
     for name, path in (("sft", sft_path), ("ppo", ppo_path)):
         responses = [r[0] for r in sample_responses(path, ids, 1, evaluation.temperature, evaluation.max_new_tokens,

@@ -310,7 +310,8 @@ def load_preference_examples(data_config, tokenizer, max_length: int, seed: int)
     if data_config.eval_path:
         eval_table = rename_columns(load_table(data_config.eval_path, data_config.eval_split, "data.eval_path"),
                                     data_config.columns, data_config.eval_path)
-        eval_format = detect_preference_format(eval_table, data_format, data_config.eval_path)
+        # Detected on its own: eval pairs may come in another format than the training rankings.
+        eval_format = detect_preference_format(eval_table, data_config.format, data_config.eval_path)
         evaluation, eval_report = tokenize_preferences(eval_table, tokenizer, eval_format, max_length,
                                                        data_config.eval_path, **options)
         logger.info("eval comparisons %s: %s", data_config.eval_path, eval_report.summary())

@@ -63,6 +63,13 @@ def write_report(run_dir: str) -> str:
             lines.append("")
     if evaluation:
         lines += evaluation_section(evaluation)
+    timings_path = os.path.join(run_dir, "timings.json")
+    if os.path.exists(timings_path):
+        with open(timings_path, encoding="utf-8") as handle:
+            timings = json.load(handle)
+        lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
+        lines += [f"| total | {sum(timings.values()):.1f} |", ""]
     if images:
         lines += ["## Curves", ""] + [f"![{name}]({name})" for name in images] + [""]
     path = os.path.join(run_dir, "report.md")

@@ -163,6 +163,17 @@ def build_accelerator(training: TrainingConfig, logging_config: LoggingConfig, r
     return accelerator
 
 
+def start_run(config: Any, resume: bool) -> tuple[RunDirectory, Accelerator, str | None]:
+    """Every stage's first lines: its run directory, its accelerator, and the checkpoint to resume from.
+
+    ``config`` is a stage config with ``output_dir``, ``overwrite``, ``training`` and ``logging``.
+    """
+    run = RunDirectory(config.output_dir)
+    accelerator = build_accelerator(config.training, config.logging, run, config)
+    resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite, is_main=accelerator.is_main_process)
+    return run, accelerator, resume_from
+
+
 def create_optimizer(parameters, training: TrainingConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases and norms (their scale is not a capacity knob)."""
     named = [(name, p) for name, p in parameters if p.requires_grad]

@@ -1,1 +1,1 @@
-"""One trainer per stage: sft.SFTTrainer (later reward.RewardTrainer, ppo.PPOTrainer)."""
+"""One trainer per stage: sft.SFTTrainer, reward.RewardTrainer, ppo.PPOTrainer."""

@@ -25,7 +25,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -33,7 +32,7 @@ from typing import Callable
 import torch
 
 from rlhf.config import DataConfig, ModelConfig, PPOConfig
-from rlhf.data import collate_sft, load_table, load_sft_examples, pad_left, rename_columns, tokenize_prompts
+from rlhf.data import load_table, load_sft_examples, pad_left, rename_columns, tokenize_prompts
 from rlhf.errors import UserError
 from rlhf.functional import (
     clipped_policy_loss,
@@ -58,16 +57,14 @@ from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
     MetricsLogger,
     MicroBatchOrder,
-    RunDirectory,
     TrainState,
-    atomic_directory,
-    build_accelerator,
     create_optimizer,
     create_scheduler,
     load_checkpoint,
     optimizer_step,
     save_checkpoint,
     save_pretrained_atomic,
+    start_run,
     truncate_jsonl,
 )
 
@@ -107,16 +104,16 @@ class Rollout:
                 torch.cat([self.prompt_mask, self.response_mask], dim=1))
 
 
-def load_reward_function(spec: str) -> RewardFunction:
-    """Import ``module:function``; a mistake names the key."""
+def load_reward_function(spec: str, key: str = "reward.function") -> RewardFunction:
+    """Import ``module:function``; a mistake names the config ``key`` that gave it."""
     module_name, _, function_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise UserError(f"reward.function: cannot import module '{module_name}': {error}") from None
+        raise UserError(f"{key}: cannot import module '{module_name}': {error}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise UserError(f"reward.function: module '{module_name}' has no function '{function_name}'")
+        raise UserError(f"{key}: module '{module_name}' has no function '{function_name}'")
     return function
 
 
@@ -134,7 +131,9 @@ class PPOTrainer:
         config: the stage config.
         policy, tokenizer: the SFT policy and its tokenizer (default: ``config.policy``); the
             frozen reference is a copy loaded the same way.
-        reward_fn: ``f(prompts, responses) -> list[float]`` used instead of ``config.reward``.
+        reward_fn: ``f(prompts, responses) -> list[float]`` used instead of ``config.reward``; with
+            no reward model to start the critic from, ``critic.init: reward`` then becomes ``policy``
+            (unless ``critic.name_or_path`` names a checkpoint).
         prompts: a ``datasets.Dataset`` of ``{prompt}`` or ``{messages}`` rows (default: ``config.data``).
     """
 
@@ -207,10 +206,8 @@ class PPOTrainer:
     def train(self, resume: bool = False) -> str:
         """Run PPO; returns the path of ``final/`` (the tuned causal LM + tokenizer)."""
         config, ppo = self.config, self.config.ppo
-        run = RunDirectory(config.output_dir)
-        accelerator = build_accelerator(config.training, config.logging, run, config)
+        run, accelerator, resume_from = start_run(config, resume)
         self.accelerator = accelerator
-        resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite, is_main=accelerator.is_main_process)
         self.setup_models()
         self.prompt_texts, self.prompt_ids = self.load_prompts()
         self.ptx_examples = []

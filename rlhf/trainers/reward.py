@@ -44,10 +44,9 @@ from rlhf.preference import (
 from rlhf.scoring import raw_scores
 from rlhf.training import (
     MetricsLogger,
-    RunDirectory,
     SupervisedLoop,
-    build_accelerator,
     save_pretrained_atomic,
+    start_run,
     write_jsonl,
 )
 
@@ -161,10 +160,7 @@ class RewardTrainer:
     def train(self, resume: bool = False) -> str:
         """Train, centre the reward, write ``final/``; returns the path of ``final/``."""
         config = self.config
-        run = RunDirectory(config.output_dir)
-        accelerator = build_accelerator(config.training, config.logging, run, config)
-        resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite,
-                                  is_main=accelerator.is_main_process)
+        run, accelerator, resume_from = start_run(config, resume)
 
         self.model, self.tokenizer = self.build_model()
         max_length = resolve_max_length(config.data.max_length, self.model)

@@ -17,7 +17,7 @@ from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, t
 from rlhf.generation import generate_responses
 from rlhf.models import disable_dropout, ensure_pad_token, load_causal_lm, resolve_max_length
 from rlhf.models.backbone import fit_to_tokenizer
-from rlhf.training import RunDirectory, SupervisedLoop, build_accelerator, save_pretrained_atomic, write_jsonl
+from rlhf.training import SupervisedLoop, save_pretrained_atomic, start_run, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,7 @@ class SFTTrainer:
     def train(self, resume: bool = False) -> str:
         """Train, write ``final/`` and samples; returns the path of ``final/``."""
         config = self.config
-        run = RunDirectory(config.output_dir)
-        accelerator = build_accelerator(config.training, config.logging, run, config)
-        resume_from = run.prepare(config, resume=resume, overwrite=config.overwrite, is_main=accelerator.is_main_process)
+        run, accelerator, resume_from = start_run(config, resume)
 
         if self.model is None:
             self.model, self.tokenizer = load_causal_lm(config.model, self.tokenizer, seed=config.training.seed)

@@ -56,7 +56,9 @@ def test_shrunken_pipeline_runs_chains_and_reports(tmp_path):
 
     # simulated comparisons in the RM data format
     first = json.loads((out / "round-0" / "feedback" / "comparisons.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"prompt", "chosen", "rejected"}
+    assert set(first) == {"prompt", "responses", "ranking"} and sorted(first["ranking"]) == [0, 1, 2, 3]
+    held_out = json.loads((out / "round-0" / "feedback" / "eval_pairs.jsonl").read_text().splitlines()[0])
+    assert set(held_out) == {"prompt", "chosen", "rejected"}
 
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["num_prompts"] == 8

@@ -259,9 +259,3 @@ def test_reward_config_checks(tmp_path):
         load_config(RewardConfig, str(config_path), ["data.eval_fraction=0"])
     with pytest.raises(UserError, match="data.format: 'pairs' is not one of"):
         load_config(RewardConfig, str(config_path), ["data.format=pairs"])
-
-
-@pytest.mark.parametrize("name", ["rm.yaml", "rm_gpt2.yaml"])
-def test_shipped_reward_configs_load(name):
-    config = load_config(RewardConfig, f"configs/{name}")
-    assert config.data.path and config.model.name_or_path
