@@ -29,7 +29,6 @@ setup(
     entry_points={"console_scripts": ["rlhf=rlhf.cli:main_entry"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )
