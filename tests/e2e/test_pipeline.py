@@ -76,6 +76,16 @@ def test_shrunken_pipeline_runs_chains_and_reports(tmp_path):
     assert again.stderr.count("skipped") >= 3
     assert (out / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == before
 
+    # a PPO stage interrupted after its step-1 checkpoint resumes from it; the earlier stages are skipped
+    import shutil
+
+    shutil.rmtree(out / "round-0" / "ppo" / "final")
+    assert (out / "round-0" / "ppo" / "checkpoints" / "step-1").is_dir()
+    resumed = run_cli("pipeline", "--config", "configs/pipeline.yaml", f"output_dir={out}", *SHRINK)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "round-0/ppo: resuming" in resumed.stderr and resumed.stderr.count("skipped") >= 2
+    AutoModelForCausalLM.from_pretrained(out / "round-0" / "ppo" / "final")
+
 
 def test_pipeline_config_error_is_one_line(tmp_path):
     result = run_cli("pipeline", "--config", "configs/pipeline.yaml", "rm.trainng.lr=1")

@@ -49,15 +49,6 @@ TINY = ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
 RM_MEAN, RM_STD = 0.3, 2.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are overhead-bound; one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def policy_config(tokenizer_dir: str, dropout: float = 0.0, disable_dropout: bool = True) -> ModelConfig:
