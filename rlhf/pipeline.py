@@ -231,7 +231,8 @@ def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str
     tokenizer = load_tokenizer(ModelConfig(name_or_path=policy_path))
     prompts_path = feedback.eval_prompts if held_out else feedback.prompts
     texts, ids = read_prompts(prompts_path, tokenizer, config.evaluation.num_prompts if held_out else feedback.num_prompts)
-    seed = config.sft.training.seed * 1000 + round_index * 10 + int(held_out)
+    # Held-out pairs get the same seed every round, so RM accuracy is comparable across rounds.
+    seed = config.sft.training.seed * 1000 + (1 if held_out else 10 * round_index)
     responses = sample_responses(policy_path, ids, 2 if held_out else feedback.responses_per_prompt,
                                  feedback.temperature, feedback.max_new_tokens, feedback.batch_size, seed)
     labeler = load_reward_function(feedback.labeler, key="feedback.labeler")

@@ -87,6 +87,31 @@ def test_shrunken_pipeline_runs_chains_and_reports(tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "round-0" / "ppo" / "final")
 
 
+@pytest.mark.e2e
+def test_two_rounds_continue_from_the_previous_policy_on_all_comparisons(tmp_path):
+    import yaml
+
+    out = tmp_path / "pipe"
+    result = run_cli("pipeline", "--config", "configs/pipeline.yaml", f"output_dir={out}", "rounds=2", *SHRINK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    round_1 = out / "round-1"
+    rm_config = yaml.safe_load((round_1 / "rm" / "config.yaml").read_text())
+    ppo_config = yaml.safe_load((round_1 / "ppo" / "config.yaml").read_text())
+    # round 1 samples from round 0's PPO policy, retrains the RM on both rounds' comparisons
+    # (from the SFT model), and runs PPO again from round 0's PPO policy
+    assert rm_config["model"]["name_or_path"] == str(out / "sft" / "final")
+    assert rm_config["data"]["path"] == str(round_1 / "feedback" / "comparisons_all.jsonl")
+    lines = lambda path: len(path.read_text().splitlines())  # noqa: E731
+    assert lines(round_1 / "feedback" / "comparisons_all.jsonl") == (
+        lines(out / "round-0" / "feedback" / "comparisons.jsonl") + lines(round_1 / "feedback" / "comparisons.jsonl"))
+    assert ppo_config["policy"]["name_or_path"] == str(out / "round-0" / "ppo" / "final")
+    assert ppo_config["reward"]["model_path"] == str(round_1 / "rm" / "final")
+    # the held-out pairs are the same in every round, so RM accuracy compares across rounds
+    assert (round_1 / "feedback" / "eval_pairs.jsonl").read_text() == (
+        out / "round-0" / "feedback" / "eval_pairs.jsonl").read_text()
+    assert "round 1" in (out / "report.md").read_text()
+
+
 def test_pipeline_config_error_is_one_line(tmp_path):
     result = run_cli("pipeline", "--config", "configs/pipeline.yaml", "rm.trainng.lr=1")
     assert result.returncode == 2
