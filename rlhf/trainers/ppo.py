@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhf.config import DataConfig, ModelConfig, PPOConfig
 from rlhf.data import load_table, load_sft_examples, pad_left, rename_columns, tokenize_prompts
@@ -73,7 +74,7 @@ logger = logging.getLogger(__name__)
 RewardFunction = Callable[[list[str], list[str]], list[float]]
 
 
-@dataclass
+@dataclasses.dataclass
 class Rollout:
     """A batch of episodes. Response tensors are (batch, response_len), right-padded after the first EOS.
 
@@ -96,7 +97,7 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> "Rollout":
         return Rollout(**{f.name: (getattr(self, f.name)[index] if getattr(self, f.name) is not None else None)
-                          for f in fields(self)})
+                          for f in dataclasses.fields(self)})
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of prompt ⊕ response, (B, P + T)."""
@@ -241,7 +242,6 @@ class PPOTrainer:
         samples_path = run.path("samples.jsonl")
         if accelerator.is_main_process:
             truncate_jsonl(samples_path, state.step if resume_from else 0)
-        from tqdm.auto import tqdm
         progress = tqdm(total=total_steps, initial=state.step, desc="ppo", disable=not accelerator.is_main_process,
                         dynamic_ncols=True)
         logger.info("PPO: %d prompts, %d steps of %d episodes", len(self.prompt_ids), total_steps, ppo.rollout_batch_size)
@@ -293,7 +293,7 @@ class PPOTrainer:
         accelerator = self.accelerator
         if ppo.separate_optimizers:
             policy_optimizer = create_optimizer(self.policy.named_parameters(), training)
-            critic_training = type(training)(**{**training.__dict__, "lr": ppo.critic_lr or training.lr})
+            critic_training = dataclasses.replace(training, lr=ppo.critic_lr or training.lr)
             critic_optimizer = create_optimizer(self.critic.named_parameters(), critic_training)
             self.policy_scheduler = create_scheduler(policy_optimizer, training, total_updates)
             self.critic_scheduler = create_scheduler(critic_optimizer, critic_training, total_updates)
