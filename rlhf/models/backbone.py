@@ -24,10 +24,17 @@ logger = logging.getLogger(__name__)
 PAD_TOKEN = "<|pad|>"
 
 
-def load_tokenizer(model_config: ModelConfig):
-    """The tokenizer of ``model_config`` (``tokenizer`` or ``name_or_path``), with a dedicated pad token."""
+def load_tokenizer(model_config: ModelConfig, block: str = "model", path_key: str | None = None):
+    """The tokenizer of ``model_config`` (``tokenizer`` or ``name_or_path``), with a dedicated pad token.
+
+    Args:
+        block: the config block the ``model_config`` came from, for error messages ("policy").
+        path_key: the dotted key that gave ``name_or_path`` when it is not ``<block>.name_or_path``
+            (e.g. "reward.model_path").
+    """
     source = model_config.tokenizer or model_config.name_or_path
-    key = "model.tokenizer" if model_config.tokenizer else "model.name_or_path"
+    key = f"{block}.tokenizer" if model_config.tokenizer else (path_key or f"{block}.name_or_path")
+    check_local_directory(source, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=model_config.trust_remote_code, revision=model_config.revision)
@@ -38,6 +45,19 @@ def load_tokenizer(model_config: ModelConfig):
         raise UserError(f"{key}: the tokenizer at '{source}' has no eos_token; responses must end with one")
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def looks_local(path: str) -> bool:
+    """A path rather than a hub name ("org/model"): explicit, present on disk, or under a local directory
+    (``runs/sft/final`` when ``runs/`` exists)."""
+    first = path.split("/", 1)[0]
+    return path.startswith((".", "/", "~")) or os.path.exists(path) or ("/" in path and os.path.isdir(first))
+
+
+def check_local_directory(path: str, key: str) -> None:
+    """A local-looking path that is not a directory is a mistake to report, not a hub name to try."""
+    if looks_local(path) and not os.path.isdir(path):
+        raise UserError(f"{key}: directory '{path}' not found")
 
 
 def ensure_pad_token(tokenizer) -> bool:
@@ -52,7 +72,8 @@ def ensure_pad_token(tokenizer) -> bool:
     return True
 
 
-def load_causal_lm(model_config: ModelConfig, tokenizer=None, seed: int = 0) -> tuple[PreTrainedModel, object]:
+def load_causal_lm(model_config: ModelConfig, tokenizer=None, seed: int = 0,
+                   block: str = "model") -> tuple[PreTrainedModel, object]:
     """The policy: a causal LM in fp32 plus its tokenizer, embeddings sized to the tokenizer.
 
     Args:
@@ -61,26 +82,25 @@ def load_causal_lm(model_config: ModelConfig, tokenizer=None, seed: int = 0) -> 
         seed: seeds the initialisation of a fresh model and of new embedding rows.
     """
     if tokenizer is None:
-        tokenizer = load_tokenizer(model_config)
+        tokenizer = load_tokenizer(model_config, block)
     else:
         ensure_pad_token(tokenizer)  # a caller's tokenizer gets the same dedicated pad (never pad = eos)
     torch.manual_seed(seed)
     if model_config.from_config is not None:
         model = build_fresh_gpt2(model_config.from_config, tokenizer)
     else:
-        model = from_pretrained_or_error(AutoModelForCausalLM, model_config)
+        model = from_pretrained_or_error(AutoModelForCausalLM, model_config, f"{block}.name_or_path")
     fit_to_tokenizer(model, tokenizer)
     if model_config.disable_dropout:
         disable_dropout(model)
     return model, tokenizer
 
 
-def from_pretrained_or_error(model_class, model_config: ModelConfig, **kwargs) -> PreTrainedModel:
-    """``model_class.from_pretrained`` in fp32, turning a bad path into one clear line."""
+def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = "model.name_or_path",
+                             **kwargs) -> PreTrainedModel:
+    """``model_class.from_pretrained`` in fp32, turning a bad path into one clear line naming ``key``."""
     path = model_config.name_or_path
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
-    if looks_local and not os.path.isdir(path):
-        raise UserError(f"model.name_or_path: directory '{path}' not found")
+    check_local_directory(path, key)
     try:
         # fp32 master weights: mixed precision is accelerate's job, and RLHF logprobs must be fp32
         # (PPO-NOTES item 38).
@@ -88,8 +108,8 @@ def from_pretrained_or_error(model_class, model_config: ModelConfig, **kwargs) -
             path, dtype=torch.float32, trust_remote_code=model_config.trust_remote_code,
             revision=model_config.revision, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        where = "local directory" if looks_local else "hub model"
-        raise UserError(f"model.name_or_path: cannot load '{path}' as a {where} with "
+        where = "local directory" if looks_local(path) else "hub model"
+        raise UserError(f"{key}: cannot load '{path}' as a {where} with "
                         f"{model_class.__name__}: {first_line(error)}") from None
 
 

@@ -113,7 +113,7 @@ class ScalarHeadModel(nn.Module):
 
 
 def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | None = "normal",
-                      seed: int = 0) -> ScalarHeadModel:
+                      seed: int = 0, key: str = "model.name_or_path") -> ScalarHeadModel:
     """A scalar-head model from any causal-LM or sequence-classification checkpoint, or a fresh GPT-2.
 
     Args:
@@ -131,7 +131,7 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
         model = GPT2ForSequenceClassification(config)
         model.transformer.load_state_dict(lm.transformer.state_dict())
     else:
-        model = from_pretrained_or_error(AutoModelForSequenceClassification, model_config, num_labels=1)
+        model = from_pretrained_or_error(AutoModelForSequenceClassification, model_config, key, num_labels=1)
     fit_to_tokenizer(model, tokenizer)
     if model_config.disable_dropout:
         disable_dropout(model)

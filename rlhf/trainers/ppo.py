@@ -157,7 +157,7 @@ class PPOTrainer:
         config = self.config
         seed = config.training.seed
         if self.policy is None:
-            self.policy, self.tokenizer = load_causal_lm(config.policy, self.tokenizer, seed=seed)
+            self.policy, self.tokenizer = load_causal_lm(config.policy, self.tokenizer, seed=seed, block="policy")
         elif self.tokenizer is None:
             raise ValueError("pass the tokenizer together with the policy")
         elif config.policy.disable_dropout:
@@ -172,8 +172,9 @@ class PPOTrainer:
         self.reward_model, self.reward_tokenizer = None, None
         if config.reward.model_path is not None:
             rm_config = ModelConfig(name_or_path=config.reward.model_path)
-            self.reward_tokenizer = load_tokenizer(rm_config)
-            self.reward_model = load_scalar_model(rm_config, self.reward_tokenizer, head_init=None)
+            self.reward_tokenizer = load_tokenizer(rm_config, path_key="reward.model_path")
+            self.reward_model = load_scalar_model(rm_config, self.reward_tokenizer, head_init=None,
+                                                  key="reward.model_path")
             freeze(self.reward_model)
         elif self.reward_fn is None:
             self.reward_fn = load_reward_function(config.reward.function)
@@ -186,7 +187,8 @@ class PPOTrainer:
                 raise UserError("critic.init: 'reward' needs a reward model with the policy's tokenizer; "
                                 "use critic.init=policy")
             # Same head and normalisation as the RM, so V at the last token starts as the score (PPO-NOTES 16).
-            self.critic = load_scalar_model(ModelConfig(name_or_path=path), self.tokenizer, head_init=None)
+            self.critic = load_scalar_model(ModelConfig(name_or_path=path), self.tokenizer, head_init=None,
+                                            key="critic.name_or_path" if config.critic.name_or_path else "reward.model_path")
         else:
             # A copy of the policy trunk with a zero head: V ≡ 0 at the start (LHP).
             self.critic = ScalarHeadModel.from_causal_lm(self.policy)

@@ -95,7 +95,7 @@ def test_missing_local_checkpoint_is_a_user_error(tmp_path, tokenizer_dir):
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(UserError, match="model.name_or_path: directory .*no-such-model.* not found"):
         load_causal_lm(ModelConfig(name_or_path=missing, tokenizer=tokenizer_dir))
-    with pytest.raises(UserError, match="model.name_or_path: cannot load a tokenizer from .*no-such-model"):
+    with pytest.raises(UserError, match="model.name_or_path: directory .*no-such-model.* not found"):
         load_causal_lm(ModelConfig(name_or_path=missing))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=tokenizer_dir))
     with pytest.raises(UserError, match="model.name_or_path: directory .*no-such-model.* not found"):
@@ -236,3 +236,18 @@ def test_scalar_model_saves_as_a_sequence_classifier(scalar_model, tmp_path):
         ours = model.raw_score(input_ids, torch.ones_like(input_ids))
         theirs = loaded(input_ids).logits[:, 0]
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_missing_local_directory_names_the_config_key_that_gave_it(tmp_path, monkeypatch):
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    missing = str(tmp_path / "runs" / "rm" / "final")
+    with pytest.raises(UserError, match=r"^reward\.model_path: directory '.*' not found$"):
+        load_tokenizer(ModelConfig(name_or_path=missing), path_key="reward.model_path")
+    with pytest.raises(UserError, match=r"^policy\.name_or_path: directory '.*' not found$"):
+        load_causal_lm(ModelConfig(name_or_path=missing), block="policy")
+    # under an existing local folder, "runs/nope" is a path, not a hub name to try
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^model\.tokenizer: directory 'runs/nope' not found$"):
+        load_tokenizer(ModelConfig(tokenizer="runs/nope"))
