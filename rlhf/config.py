@@ -440,10 +440,11 @@ def save_config(config: Any, path: str) -> None:
 
 
 def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'training': {'lr': 1}} -> {'training.lr': 1}``; lists and dicts become strings (tracker hparams)."""
+    """``{'training': {'lr': 1}} -> {'training.lr': 1}`` for tracker hparams, which take only scalars:
+    blocks and mappings are flattened, None and lists become strings."""
     flat: dict[str, Any] = {}
     for key, value in nested.items():
-        if isinstance(value, dict) and value and all(isinstance(v, (dict, int, float, str, bool, type(None), list)) for v in value.values()) and key != "columns":
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{prefix}{key}."))
         elif isinstance(value, (int, float, str, bool)):
             flat[f"{prefix}{key}"] = value

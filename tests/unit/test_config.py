@@ -171,3 +171,12 @@ def test_every_shipped_config_loads(name):
     if config_class is None:
         pytest.skip(f"rlhf.config has no {STAGE_CLASSES[stage]} yet")
     assert isinstance(load_config(config_class, os.path.join(CONFIGS_DIR, name)), config_class)
+
+
+def test_flatten_gives_trackers_scalars_only():
+    from rlhf.config import flatten
+
+    flat = flatten({"training": {"lr": 1e-3, "max_steps": None}, "data": {"columns": {"prompt": "q"}, "path": "x"},
+                    "logging": {"report_to": ["tensorboard"]}, "model": {"from_config": {}}})
+    assert flat == {"training.lr": 1e-3, "training.max_steps": "None", "data.columns.prompt": "q", "data.path": "x",
+                    "logging.report_to": "['tensorboard']", "model.from_config": "{}"}
