@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -119,7 +119,6 @@ class TokenizeReport:
     kept: int = 0
     truncated: int = 0
     skipped_too_long: int = 0
-    details: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{self.kept}/{self.rows} rows kept ({self.truncated} with a truncated response, "
