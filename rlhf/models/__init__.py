@@ -1,6 +1,7 @@
 """The shared GPT backbone (policy) and the scalar-head model (reward and value)."""
 
 from rlhf.models.backbone import (
+    adopt_model,
     PAD_TOKEN,
     build_fresh_gpt2,
     disable_dropout,
@@ -12,6 +13,6 @@ from rlhf.models.backbone import (
 from rlhf.models.heads import ScalarHeadModel, load_scalar_model
 
 __all__ = [
-    "PAD_TOKEN", "ScalarHeadModel", "build_fresh_gpt2", "disable_dropout", "ensure_pad_token",
+    "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "disable_dropout", "ensure_pad_token",
     "load_causal_lm", "load_scalar_model", "load_tokenizer", "resolve_max_length",
 ]

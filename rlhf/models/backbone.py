@@ -81,19 +81,28 @@ def load_causal_lm(model_config: ModelConfig, tokenizer=None, seed: int = 0,
         tokenizer: reuse this tokenizer (default: load the one the config names).
         seed: seeds the initialisation of a fresh model and of new embedding rows.
     """
-    if tokenizer is None:
-        tokenizer = load_tokenizer(model_config, block)
-    else:
-        ensure_pad_token(tokenizer)  # a caller's tokenizer gets the same dedicated pad (never pad = eos)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_config, block)
+    ensure_pad_token(tokenizer)  # before building: a fresh model's vocabulary includes the pad
     torch.manual_seed(seed)
     if model_config.from_config is not None:
         model = build_fresh_gpt2(model_config.from_config, tokenizer)
     else:
         model = from_pretrained_or_error(AutoModelForCausalLM, model_config, f"{block}.name_or_path")
+    adopt_model(model, tokenizer, model_config)
+    return model, tokenizer
+
+
+def adopt_model(model: PreTrainedModel, tokenizer, model_config: ModelConfig) -> None:
+    """Bring any model (ours, or one a user passes in) to the conventions every stage relies on.
+
+    The tokenizer gets a dedicated pad (never pad = eos), the embeddings grow to the tokenizer and
+    the special ids are recorded, and dropout is turned off if ``model_config.disable_dropout``
+    (train- and eval-mode forwards must agree, PPO-NOTES 35).
+    """
+    ensure_pad_token(tokenizer)
     fit_to_tokenizer(model, tokenizer)
     if model_config.disable_dropout:
         disable_dropout(model)
-    return model, tokenizer
 
 
 def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = "model.name_or_path",

@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2For
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.functional import exclusive_cumsum_positions, last_valid_index
-from rlhf.models.backbone import disable_dropout, fit_to_tokenizer, from_pretrained_or_error, build_fresh_gpt2
+from rlhf.models.backbone import adopt_model, build_fresh_gpt2, ensure_pad_token, from_pretrained_or_error
 
 
 class ScalarHeadModel(nn.Module):
@@ -123,6 +123,7 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
             (loading a reward model).
         seed: seeds the head initialisation.
     """
+    ensure_pad_token(tokenizer)  # before building: a fresh model's vocabulary includes the pad
     torch.manual_seed(seed)
     if model_config.from_config is not None:
         lm = build_fresh_gpt2(model_config.from_config, tokenizer)
@@ -132,9 +133,7 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
         model.transformer.load_state_dict(lm.transformer.state_dict())
     else:
         model = from_pretrained_or_error(AutoModelForSequenceClassification, model_config, key, num_labels=1)
-    fit_to_tokenizer(model, tokenizer)
-    if model_config.disable_dropout:
-        disable_dropout(model)
+    adopt_model(model, tokenizer, model_config)
     scalar_model = ScalarHeadModel(model)
     if head_init is not None:
         scalar_model.init_head(head_init)

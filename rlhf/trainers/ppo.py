@@ -52,7 +52,7 @@ from rlhf.functional import (
     truncate_after_eos,
 )
 from rlhf.generation import sample_with_logprobs
-from rlhf.models import (ScalarHeadModel, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer,
+from rlhf.models import (ScalarHeadModel, adopt_model, load_causal_lm, load_scalar_model, load_tokenizer,
                          resolve_max_length)
 from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
@@ -160,11 +160,11 @@ class PPOTrainer:
             self.policy, self.tokenizer = load_causal_lm(config.policy, self.tokenizer, seed=seed, block="policy")
         elif self.tokenizer is None:
             raise ValueError("pass the tokenizer together with the policy")
-        elif config.policy.disable_dropout:
-            # A policy passed in skipped the loader's disable_dropout. Dropout in the update's train()
-            # forward makes the first ratio ≠ 1 (|Δlogp| ≈ 0.2, PPO-NOTES 35); the reference and a
-            # critic copied from the policy inherit the setting.
-            disable_dropout(self.policy)
+        else:
+            # A policy passed in gets what the loader gives ours: a dedicated pad and no dropout.
+            # Dropout in the update's train() forward makes the first ratio ≠ 1 (|Δlogp| ≈ 0.2,
+            # PPO-NOTES 35); the reference and a critic copied from the policy inherit the setting.
+            adopt_model(self.policy, self.tokenizer, config.policy)
         # The reference is the SFT policy, frozen: never trained, no gradients (PPO-NOTES 36).
         self.reference = copy.deepcopy(self.policy)
         freeze(self.reference)

@@ -26,13 +26,11 @@ from rlhf.errors import UserError
 from rlhf.functional import last_valid_index, pairwise_accuracy, pairwise_ranking_loss
 from rlhf.models import (
     ScalarHeadModel,
-    disable_dropout,
-    ensure_pad_token,
+    adopt_model,
     load_scalar_model,
     load_tokenizer,
     resolve_max_length,
 )
-from rlhf.models.backbone import fit_to_tokenizer
 from rlhf.preference import (
     chosen_sequences,
     collate_preferences,
@@ -203,7 +201,6 @@ class RewardTrainer:
         config = self.config
         if self.model is None:
             tokenizer = self.tokenizer if self.tokenizer is not None else load_tokenizer(config.model)
-            ensure_pad_token(tokenizer)  # a user's tokenizer too; load_scalar_model resizes the embeddings
             model = load_scalar_model(config.model, tokenizer, head_init="normal", seed=config.training.seed)
             return model, tokenizer
         if self.tokenizer is None:
@@ -211,10 +208,7 @@ class RewardTrainer:
         model = self.model if isinstance(self.model, ScalarHeadModel) else ScalarHeadModel(self.model)
         # As for a model we build: a pad distinct from EOS (the reward is read at the EOS, which
         # pad == eos would mask), embeddings grown to match, dropout off if configured.
-        ensure_pad_token(self.tokenizer)
-        fit_to_tokenizer(model.model, self.tokenizer)
-        if config.model.disable_dropout:
-            disable_dropout(model.model)
+        adopt_model(model.model, self.tokenizer, config.model)
         return model, self.tokenizer
 
     def load_examples(self, max_length: int) -> tuple[list[dict], list[dict]]:

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
-from rlhf.models import disable_dropout, ensure_pad_token, load_causal_lm, resolve_max_length
-from rlhf.models.backbone import fit_to_tokenizer
+from rlhf.models import adopt_model, load_causal_lm, resolve_max_length
 from rlhf.training import SupervisedLoop, save_pretrained_atomic, start_run, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -85,10 +84,7 @@ class SFTTrainer:
         elif self.tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
         else:
-            ensure_pad_token(self.tokenizer)
-            fit_to_tokenizer(self.model, self.tokenizer)
-            if config.model.disable_dropout:
-                disable_dropout(self.model)
+            adopt_model(self.model, self.tokenizer, config.model)
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
 

@@ -240,6 +240,24 @@ def test_trainer_turns_dropout_off_in_a_policy_passed_in(tokenizer_dir, tmp_path
     assert trainer.loss_calls[0]["approx_kl"] < 1e-8
 
 
+def test_a_policy_passed_in_with_a_pad_less_tokenizer_gets_a_dedicated_pad(tokenizer_dir, tmp_path):
+    """A user's GPT-2 and its tokenizer without a pad token (as gpt2 ships): the trainer adds `<|pad|>`
+    (pad != eos), grows the embeddings, and PPO runs."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert tokenizer.pad_token_id is None
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    config = ppo_config(tmp_path / "run", tokenizer_dir)
+    trainer = RecordingTrainer(config, policy=policy, tokenizer=tokenizer, reward_fn=letter_a_reward,
+                               prompts=prompt_rows())
+    trainer.train()
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert trainer.policy.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert trainer.first_logprob_gap <= 1e-5
+
+
 # ----------------------------------------------------------------------------- critic initialisation (item 16)
 
 def test_critic_from_the_reward_model_predicts_its_score_before_any_update(tokenizer_dir, tmp_path,
