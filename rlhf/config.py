@@ -205,6 +205,9 @@ class RewardConfig:
     logging: LoggingConfig = param(default_factory=LoggingConfig, help=(
         "trackers; num_samples eval prompts are written with their responses' rewards to samples.jsonl"))
     normalization: NormalizationConfig = param(default_factory=NormalizationConfig, help="reward centring after training")
+    prefix_sharing: bool = param(True, help=(
+        "run each prompt through the model once and its responses on the prompt's key/value cache, instead of "
+        "every response as a full prompt + response sequence: less compute, the same rewards up to float rounding"))
 
     def validate(self, model_given: bool = False, data_given: bool = False) -> None:
         """Check every field; ``model_given``/``data_given``: the trainer got them as objects, so the

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.data import check_text, load_table, pad_right, quote, rename_columns, require_columns
+from rlhf.data import check_text, load_table, pad_left, pad_right, quote, rename_columns, require_columns
 from rlhf.errors import UserError
 from rlhf.functional import ranking_to_pairs
 
@@ -360,27 +360,40 @@ def load_response_sequences(path: str, tokenizer, max_length: int, key: str = "n
 
 # ----------------------------------------------------------------------------- batches
 
-def collate_preferences(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """All responses of the batch's prompts in one right-padded batch, plus the pairs as indices into it.
+def collate_preferences(examples: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """All responses of the batch's prompts in one padded batch, plus the pairs as indices into it.
 
     Returns:
         pairs_per_prompt: (num_prompts,) long; first key, so the loop counts prompts as examples.
-        input_ids, attention_mask: (num_responses, seq_len), right-padded with ``pad_token_id`` / 0.
+        input_ids, attention_mask: (num_responses, seq_len), right-padded with ``pad_token_id`` / 0:
+            prompt + response + EOS; with ``share_prompt`` only response + EOS, and
+        prefix_ids, prefix_mask: (num_prompts, prompt_len), left-padded: each prompt once
+            (``share_prompt`` only), with
+        prefix_index: (num_responses,) the prompt each response continues (``share_prompt`` only).
         chosen_index, rejected_index: (P,) rows of input_ids holding each pair's better / worse response.
         group_ids: (P,) the prompt (position in ``examples``) each pair belongs to.
         margins: (P,) float32.
     """
+    # An empty prompt (no BOS, empty text) has nothing to share and no cache to attend to.
+    share_prompt = share_prompt and all(example["prompt_length"] > 0 for example in examples)
     sequences, chosen_index, rejected_index, group_ids, margins, pairs_per_prompt = [], [], [], [], [], []
+    prompts, prefix_index = [], []
     for prompt_index, example in enumerate(examples):
         offset = len(sequences)
-        sequences.extend(example["sequences"])
+        if share_prompt:
+            prompt_length = example["prompt_length"]
+            prompts.append(example["sequences"][0][:prompt_length])
+            sequences.extend(sequence[prompt_length:] for sequence in example["sequences"])
+            prefix_index.extend([prompt_index] * len(example["sequences"]))
+        else:
+            sequences.extend(example["sequences"])
         for (better, worse), margin in zip(example["pairs"], example["margins"]):
             chosen_index.append(offset + better)
             rejected_index.append(offset + worse)
             group_ids.append(prompt_index)
             margins.append(margin)
         pairs_per_prompt.append(len(example["pairs"]))
-    return {
+    batch = {
         "pairs_per_prompt": torch.tensor(pairs_per_prompt, dtype=torch.long),
         "input_ids": pad_right(sequences, pad_token_id),
         "attention_mask": pad_right([[1] * len(s) for s in sequences], 0),
@@ -389,3 +402,8 @@ def collate_preferences(examples: list[dict], pad_token_id: int) -> dict[str, to
         "group_ids": torch.tensor(group_ids, dtype=torch.long),
         "margins": torch.tensor(margins, dtype=torch.float32),
     }
+    if share_prompt:
+        batch["prefix_ids"] = pad_left(prompts, pad_token_id)
+        batch["prefix_mask"] = pad_left([[1] * len(p) for p in prompts], 0)
+        batch["prefix_index"] = torch.tensor(prefix_index, dtype=torch.long)
+    return batch

@@ -6,6 +6,7 @@ from rlhf.models.backbone import (
     build_fresh_gpt2,
     disable_dropout,
     ensure_pad_token,
+    kept_logits,
     load_causal_lm,
     load_tokenizer,
     resolve_max_length,
@@ -13,6 +14,6 @@ from rlhf.models.backbone import (
 from rlhf.models.heads import ScalarHeadModel, load_scalar_model
 
 __all__ = [
-    "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "disable_dropout", "ensure_pad_token",
+    "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "disable_dropout", "ensure_pad_token", "kept_logits",
     "load_causal_lm", "load_scalar_model", "load_tokenizer", "resolve_max_length",
 ]

@@ -186,3 +186,47 @@ def resolve_max_length(requested: int, model: PreTrainedModel) -> int:
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- logits where a loss reads them
+
+def _accepted_logits_to_keep(model) -> tuple[bool, bool]:
+    """(int form, boolean-mask form) of ``logits_to_keep`` that ``model``'s forward accepts.
+
+    Hugging Face causal LMs take ``logits_to_keep`` (transformers >= 4.50); the boolean (B, T)
+    form arrived later, with ``modeling_utils.slice_logits_to_keep``. Models from remote code
+    may take the argument but only as an int, so the mask form is used for transformers' own
+    classes only.
+    """
+    import inspect
+
+    from transformers import modeling_utils
+
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers keep the model in .module
+    takes_int = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    own_class = type(inner).__module__.startswith("transformers.")
+    return takes_int, takes_int and own_class and hasattr(modeling_utils, "slice_logits_to_keep")
+
+
+def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor | int,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """A causal LM's logits only at the positions a loss reads, so the vocabulary projection
+    (the largest matmul of a small model) skips the rest.
+
+    Args:
+        keep: a (B, T) bool mask -> logits (mask.sum(), V), the kept positions in row-major
+            order; or an int k -> logits (B, k, V) of the last k positions.
+    Calls ``model(...)`` itself, so a DDP-wrapped model still synchronises its gradients; falls
+    back to full logits, then selection, for models without ``logits_to_keep``.
+    """
+    takes_int, takes_mask = _accepted_logits_to_keep(model)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    if isinstance(keep, int):
+        if takes_int:
+            return model(**inputs, logits_to_keep=keep).logits
+        return model(**inputs).logits[:, -keep:]
+    if takes_mask:
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[keep]

@@ -14,6 +14,7 @@ Reward normalisation (mean 0 on a reference set, optionally std 1) lives in the 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import torch
@@ -45,20 +46,46 @@ class ScalarHeadModel(nn.Module):
     def head(self) -> nn.Linear:
         return self.model.score
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor | None = None,
+                prefix_mask: torch.Tensor | None = None, prefix_index: torch.Tensor | None = None) -> torch.Tensor:
         """Head output at every position, fp32, unnormalised.
 
         Args:
             input_ids: (batch, seq_len); pad positions may hold any id.
             attention_mask: (batch, seq_len), 1 on real tokens; left, right or mixed padding.
+            prefix_ids, prefix_mask, prefix_index: shared prefixes (prefix sharing). Row ``i`` of
+                ``input_ids`` then continues prefix ``prefix_index[i]`` (a right-padded continuation;
+                prefixes may be left-padded). Each prefix runs through the trunk once and its
+                continuations attend to its key/value cache; the outputs equal those of the full
+                sequences up to float rounding.
         Returns:
-            (batch, seq_len) scalars.
+            (batch, seq_len) scalars (of the continuations when prefixes are given).
         """
+        if prefix_ids is not None:
+            return self.forward_continuations(input_ids, attention_mask, prefix_ids, prefix_mask, prefix_index)
         # Positions are the exclusive cumsum of the mask, so a token's position (and its output)
         # does not depend on how much padding sits to its left (PPO-NOTES items 11, 41).
         position_ids = exclusive_cumsum_positions(attention_mask)
         hidden = self.model.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def forward_continuations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
+                              prefix_mask: torch.Tensor, prefix_index: torch.Tensor) -> torch.Tensor:
+        """The head over continuations of shared prefixes (see ``forward``); gradients reach the prefixes too."""
+        trunk = self.model.base_model
+        prefix_out = trunk(input_ids=prefix_ids, attention_mask=prefix_mask,
+                           position_ids=exclusive_cumsum_positions(prefix_mask), use_cache=True)
+        # transformers >= 5.2x names the KV cache `cache`; older releases `past_key_values`.
+        cache_argument = "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+        cache = prefix_out[cache_argument]
+        # One cache row per continuation: an index_select, differentiable, on every layer's keys and values.
+        cache.reorder_cache(prefix_index)
+        prefix_lengths = prefix_mask.sum(dim=1)[prefix_index]
+        position_ids = prefix_lengths.unsqueeze(1) + exclusive_cumsum_positions(attention_mask)
+        full_mask = torch.cat([prefix_mask[prefix_index], attention_mask], dim=1)
+        hidden = trunk(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                       use_cache=True, **{cache_argument: cache}).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
     def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -51,14 +51,16 @@ from rlhf.training import (
 logger = logging.getLogger(__name__)
 
 
-def sequence_rewards(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch,) raw rewards: the head at the last non-padding token (``ScalarHeadModel.raw_score``).
+def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(responses,) raw rewards: the head at each response's last non-padding token (its EOS).
 
     Goes through ``model(...)`` rather than ``raw_score`` so a DDP-wrapped model synchronises
-    its gradients.
+    its gradients. A batch collated with ``share_prompt`` runs each prompt once and its responses
+    on the prompt's key/value cache (``ScalarHeadModel.forward``).
     """
-    per_token = model(input_ids, attention_mask)  # (batch, seq_len)
-    return per_token.gather(1, last_valid_index(attention_mask).unsqueeze(1)).squeeze(1)
+    prefix = {key: batch[key] for key in ("prefix_ids", "prefix_mask", "prefix_index") if key in batch}
+    per_token = model(batch["input_ids"], batch["attention_mask"], **prefix)  # (responses, seq_len)
+    return per_token.gather(1, last_valid_index(batch["attention_mask"]).unsqueeze(1)).squeeze(1)
 
 
 def log_held_out(metrics_path: str) -> None:
@@ -85,17 +87,18 @@ class RewardObjective:
     All raw (unnormalised) rewards.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, share_prompt: bool = False):
         self.pad_token_id = pad_token_id
+        self.share_prompt = share_prompt
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_preferences(examples, self.pad_token_id)
+        return collate_preferences(examples, self.pad_token_id, self.share_prompt)
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["pairs_per_prompt"].numel())
 
     def loss_sum(self, model, batch):
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        rewards = sequence_rewards(model, batch)
         chosen_rewards = rewards[batch["chosen_index"]]
         rejected_rewards = rewards[batch["rejected_index"]]
         num_prompts = batch["pairs_per_prompt"].numel()
@@ -166,7 +169,7 @@ class RewardTrainer:
         reference = self.normalization_sequences(train_examples, eval_examples, max_length)  # fail before training
 
         loop = SupervisedLoop(accelerator=accelerator, model=self.model,
-                              objective=RewardObjective(self.tokenizer.pad_token_id),
+                              objective=RewardObjective(self.tokenizer.pad_token_id, config.prefix_sharing),
                               train_examples=train_examples, eval_examples=eval_examples,
                               training=config.training, run=run, progress_desc="rm")
         train_pairs = sum(len(e["pairs"]) for e in train_examples)

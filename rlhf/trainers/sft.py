@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
-from rlhf.models import adopt_model, load_causal_lm, resolve_max_length
+from rlhf.models import adopt_model, kept_logits, load_causal_lm, resolve_max_length
 from rlhf.training import SupervisedLoop, save_pretrained_atomic, start_run, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -34,11 +34,13 @@ class LanguageModelingObjective:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss_sum(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Position t predicts token t+1; log-softmax in fp32 whatever the autocast dtype.
+        # Position t predicts token t+1. Logits only where a trained token is predicted: prompt and
+        # padding positions skip the vocabulary projection. Log-softmax in fp32 whatever the autocast dtype.
         targets = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        trained = targets != IGNORE_INDEX
+        predicts_trained = F.pad(trained, (0, 1), value=False)  # (B, T): the last position predicts nothing
+        logits = kept_logits(model, batch["input_ids"], batch["attention_mask"], predicts_trained)
+        loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
         return loss_sum, {"loss": loss_sum.item()}
 
     def summarize(self, sums: dict[str, float], units: float) -> dict[str, float]:

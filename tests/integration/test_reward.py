@@ -170,20 +170,23 @@ def test_score_ignores_padding_side_amount_and_tokens_after_the_last_valid_one(t
     batch = collate_preferences(examples, tokenizer.pad_token_id)
     sequences = [s for e in examples for s in e["sequences"]]
     with torch.no_grad():
-        right = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        right = sequence_rewards(model, batch)
+        # Prefix sharing: each prompt once (left-padded), the responses on its cache.
+        shared = sequence_rewards(model, collate_preferences(examples, tokenizer.pad_token_id, share_prompt=True))
         alone = torch.stack([model.raw_score(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
                              for s in sequences])
-        left = sequence_rewards(model, pad_left(sequences, tokenizer.pad_token_id),
-                                pad_left([[1] * len(s) for s in sequences], 0))
+        left = sequence_rewards(model, {"input_ids": pad_left(sequences, tokenizer.pad_token_id),
+                                        "attention_mask": pad_left([[1] * len(s) for s in sequences], 0)})
         extra = 7  # more right padding, and garbage (random ids) instead of pad ids after the last token
         input_ids = torch.cat([batch["input_ids"], torch.full((len(sequences), extra), tokenizer.pad_token_id)], 1)
         attention_mask = torch.cat([batch["attention_mask"], torch.zeros(len(sequences), extra, dtype=torch.long)], 1)
         garbage = torch.randint(0, len(tokenizer), input_ids.shape, generator=torch.Generator().manual_seed(0))
         input_ids = torch.where(attention_mask.bool(), input_ids, garbage)
-        noisy = sequence_rewards(model, input_ids, attention_mask)
+        noisy = sequence_rewards(model, {"input_ids": input_ids, "attention_mask": attention_mask})
     assert len({len(s) for s in sequences}) > 1  # the batch really is padded
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(noisy, alone, atol=1e-5, rtol=0)
     assert raw_scores(model, sequences, tokenizer.pad_token_id, batch_size=2) == pytest.approx(alone.tolist(), abs=1e-5)
 

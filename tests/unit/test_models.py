@@ -251,3 +251,51 @@ def test_a_missing_local_directory_names_the_config_key_that_gave_it(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=r"^model\.tokenizer: directory 'runs/nope' not found$"):
         load_tokenizer(ModelConfig(tokenizer="runs/nope"))
+
+
+# ----------------------------------------------------------------------------- logits where a loss reads them
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (older transformers, custom code): the fallback path."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_kept_logits_equal_the_full_logits_at_the_kept_positions():
+    from rlhf.models import kept_logits
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=32)).eval()
+    input_ids = torch.randint(0, 40, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 6:] = 0
+    keep = torch.zeros_like(input_ids, dtype=torch.bool)
+    keep[0, 2:5], keep[1, 7], keep[2, 1:6] = True, True, True
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        for lm in (model, NoLogitsToKeep(model)):
+            torch.testing.assert_close(kept_logits(lm, input_ids, attention_mask, keep), full[keep], atol=1e-5, rtol=0)
+            torch.testing.assert_close(kept_logits(lm, input_ids, attention_mask, 4), full[:, -4:], atol=1e-5, rtol=0)
+
+
+def test_sft_loss_from_kept_logits_equals_the_full_cross_entropy():
+    from rlhf.trainers.sft import LanguageModelingObjective
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=32)).eval()
+    examples = [{"input_ids": [5, 6, 7, 8, 9, 1], "labels": [-100, -100, -100, 8, 9, 1]},
+                {"input_ids": [5, 6, 1], "labels": [-100, 6, 1]}]
+    objective = LanguageModelingObjective(pad_token_id=0)
+    batch = objective.collate(examples)
+    loss_sum, _ = objective.loss_sum(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 40), batch["labels"][:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss_sum, expected, atol=1e-5, rtol=1e-6)
+    loss_sum.backward()  # the kept positions carry gradients to the whole model
+    assert model.transformer.wte.weight.grad.abs().sum() > 0

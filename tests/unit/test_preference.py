@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datasets
 import pytest
+import torch
 import yaml
 
 from rlhf.config import ArchitectureConfig, ModelConfig, PreferenceDataConfig, RewardConfig, load_config
@@ -159,6 +160,26 @@ def test_collate_puts_all_responses_in_one_batch_with_pair_indices(tokenizer):
     assert lengths == [len(s) for s in ranked[0]["sequences"] + paired[0]["sequences"]]
     padded = batch["input_ids"][batch["attention_mask"] == 0]
     assert (padded == tokenizer.pad_token_id).all()
+
+
+def test_collate_with_a_shared_prompt_puts_each_prompt_once_and_responses_after_it(tokenizer):
+    rows = [{"prompt": "Rank these\n", "responses": ["a", "bb", "ccc"], "ranking": [0, 1, 2]},
+            {"prompt": "Pick\n", "chosen": "yes", "rejected": "no"}]
+    examples = tokenize(rows[:1], tokenizer)[0] + tokenize(rows[1:], tokenizer)[0]
+    full = collate_preferences(examples, tokenizer.pad_token_id)
+    shared = collate_preferences(examples, tokenizer.pad_token_id, share_prompt=True)
+    for key in ("pairs_per_prompt", "chosen_index", "rejected_index", "group_ids", "margins"):
+        assert torch.equal(full[key], shared[key])
+    assert shared["prefix_index"].tolist() == [0, 0, 0, 1, 1]
+    prompts = [e["sequences"][0][:e["prompt_length"]] for e in examples]
+    # Prompts left-padded (their last token is the last column), responses right-padded after them.
+    assert shared["prefix_mask"].sum(1).tolist() == [len(p) for p in prompts]
+    assert shared["prefix_mask"][:, -1].all()
+    for row, (prompt_index, sequence) in enumerate(zip(shared["prefix_index"].tolist(),
+                                                       [s for e in examples for s in e["sequences"]])):
+        prompt = shared["prefix_ids"][prompt_index][shared["prefix_mask"][prompt_index].bool()].tolist()
+        response = shared["input_ids"][row][shared["attention_mask"][row].bool()].tolist()
+        assert prompt + response == sequence
 
 
 # ----------------------------------------------------------------------------- bad rows
