@@ -94,6 +94,9 @@ class TrainingConfig:
     max_steps: int | None = param(None, help="stop after this many optimizer steps (overrides num_epochs)", min=1)
     batch_size: int = param(8, help="examples per device per micro-batch", min=1)
     gradient_accumulation_steps: int = param(1, help="micro-batches per optimizer step", min=1)
+    group_by_length: bool = param(False, help=(
+        "SFT and RM: batch examples of similar length (each epoch's shuffled order is cut into windows of 50 "
+        "batches, each sorted by length) so less compute goes to padding; changes which examples share a batch"))
     eval_batch_size: int | None = param(None, help="examples per device when evaluating (default: batch_size)", min=1)
     lr: float = param(5e-5, help="peak learning rate", min=0.0)
     weight_decay: float = param(0.0, help="AdamW decoupled weight decay", min=0.0)
@@ -518,8 +521,10 @@ class PPOHyperparameters:
     target_kl: float = param(6.0, help="target summed KL per sequence for the adaptive controller", min=0.0, min_exclusive=True)
     kl_horizon: int = param(10000, help="controller horizon in episodes", min=1)
     whiten_advantages: bool = param(True, help="normalise advantages over the rollout batch")
-    logprobs_from_generation: bool = param(
-        False, help="take rollout logprobs from sampling instead of a second forward (needs top_k=0, top_p=1)")
+    logprobs_from_generation: bool | None = param(None, help=(
+        "take rollout logprobs from sampling instead of a second policy forward (needs top_k=0, top_p=1); "
+        "default (null): from sampling when top_k=0, top_p=1 and training runs in fp32, where the two agree to "
+        "float rounding (PPO-NOTES 37), else a forward under the training precision"))
     ptx_coef: float = param(0.0, help="γ_ptx: weight of the pretraining/SFT NLL term (PPO-ptx, InstructGPT)", min=0.0)
     ptx_data: str | None = param(None, help="SFT-format data file for the ptx term")
     ptx_batch_size: int = param(8, help="ptx examples per minibatch", min=1)

@@ -181,8 +181,10 @@ def create_optimizer(parameters, training: TrainingConfig) -> torch.optim.AdamW:
     no_decay = [p for name, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    # foreach: one multi-tensor kernel per update step instead of a Python loop over parameters
+    # (the default on GPU only); the same arithmetic.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr,
-                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
+                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps, foreach=True)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
@@ -224,9 +226,15 @@ class MicroBatchOrder:
     of the stream is a pure function of ``m``, so resuming at a step needs no replay of data.
     """
 
+    # With lengths, each epoch's order is cut into windows of this many global batches, each sorted by
+    # length: batches hold similar lengths while the epoch stays shuffled (as transformers' length grouping).
+    LENGTH_WINDOW_BATCHES = 50
+
     def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool = True,
-                 num_processes: int = 1, process_index: int = 0, drop_last: bool = False):
+                 num_processes: int = 1, process_index: int = 0, drop_last: bool = False,
+                 lengths: Sequence[int] | None = None):
         self.num_examples = num_examples
+        self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -249,6 +257,8 @@ class MicroBatchOrder:
                 order = torch.randperm(self.num_examples, generator=generator).tolist()
             else:
                 order = list(range(self.num_examples))
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, self.batch_size * self.num_processes * self.LENGTH_WINDOW_BATCHES)
             self._epoch_cache = (epoch, order)
         return self._epoch_cache[1]
 
@@ -261,6 +271,15 @@ class MicroBatchOrder:
 
     def epoch_at(self, micro_batch: int) -> float:
         return micro_batch / self.micro_batches_per_epoch
+
+
+def group_by_length(order: list[int], lengths: Sequence[int], window: int) -> list[int]:
+    """``order`` cut into windows of ``window`` examples, each sorted longest first (stable, so ties keep
+    their shuffled order); the longest window opens, so a memory peak shows at the first step."""
+    windows = [sorted(order[start:start + window], key=lambda index: -lengths[index])
+               for start in range(0, len(order), window)]
+    windows.sort(key=lambda members: -lengths[members[0]])
+    return [index for members in windows for index in members]
 
 
 def evaluation_batches(num_examples: int, batch_size: int, num_processes: int = 1,
@@ -374,6 +393,9 @@ class SupervisedObjective(Protocol):
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many units (tokens, prompts) the batch's loss averages over, known before the forward."""
 
+    def length(self, example: dict) -> int:
+        """The padded length an example brings to a batch (for ``training.group_by_length``)."""
+
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss summed over the batch's units, and statistics (sums) to report."""
 
@@ -399,8 +421,10 @@ class SupervisedLoop:
         self.training = training
         self.run = run
         self.progress_desc = progress_desc
+        lengths = [objective.length(example) for example in train_examples] if training.group_by_length else None
         self.order = MicroBatchOrder(len(train_examples), training.batch_size, training.seed,
-                                     num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+                                     num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+                                     lengths=lengths)
         accumulation = training.gradient_accumulation_steps
         steps_per_epoch = math.ceil(self.order.micro_batches_per_epoch / accumulation)
         self.total_steps = training.max_steps or max(1, math.ceil(training.num_epochs * steps_per_epoch))
@@ -426,6 +450,9 @@ class SupervisedLoop:
                         disable=not accelerator.is_main_process, dynamic_ncols=True)
         window_sums: dict[str, float] = {}
         window_units, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        # This session's training time and real tokens, logged with the last step (train_runtime_s,
+        # train_tokens): evaluation and checkpoint saving are paused out, as for tokens_per_s.
+        train_start, paused_s, session_tokens = window_start, 0.0, 0
         self.model.train()
         while state.step < self.total_steps:
             # ---- one optimizer step over `accumulation` micro-batches
@@ -442,7 +469,7 @@ class SupervisedLoop:
                     accelerator.backward(loss_sum * accelerator.num_processes / max(step_units, 1.0))
                 for key, value in stats.items():
                     window_sums[key] = window_sums.get(key, 0.0) + value
-                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                window_tokens += sum(int(batch[key].sum()) for key in ("attention_mask", "prefix_mask") if key in batch)
                 state.examples_seen += len(next(iter(batch.values())))
             window_units += local_units
             lr = self.scheduler.get_last_lr()[0]
@@ -456,6 +483,10 @@ class SupervisedLoop:
                 metrics = self.objective.summarize(window_sums, window_units)
                 metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens * accelerator.num_processes / max(elapsed, 1e-9))
                 state.tokens_seen += window_tokens
+                session_tokens += window_tokens
+                if state.step == self.total_steps:
+                    metrics.update(train_runtime_s=time.perf_counter() - train_start - paused_s,
+                                   train_tokens=session_tokens * accelerator.num_processes)
                 metrics_logger.log(state.step, metrics, epoch=self.order.epoch_at(first + training.gradient_accumulation_steps))
                 progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "tokens_per_s") if k in metrics})
                 if on_log is not None:
@@ -467,7 +498,9 @@ class SupervisedLoop:
                 metrics_logger.log(state.step, prefix("eval/", self.evaluate()))
             if training.save_every and state.step % training.save_every == 0 and not is_last_step:
                 save_checkpoint(accelerator, self.run, state, training.keep_checkpoints)
-            window_start += time.perf_counter() - paused_at
+            pause = time.perf_counter() - paused_at
+            paused_s += pause
+            window_start += pause
         progress.close()
         return state
 

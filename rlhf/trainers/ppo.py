@@ -52,7 +52,7 @@ from rlhf.functional import (
     truncate_after_eos,
 )
 from rlhf.generation import sample_with_logprobs
-from rlhf.models import (ScalarHeadModel, adopt_model, load_causal_lm, load_scalar_model, load_tokenizer,
+from rlhf.models import (ScalarHeadModel, adopt_model, kept_logits, load_causal_lm, load_scalar_model, load_tokenizer,
                          resolve_max_length)
 from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
@@ -119,10 +119,14 @@ def load_reward_function(spec: str, key: str = "reward.function") -> RewardFunct
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """(B, T, V) logits predicting each response token, with position ids = exclusive cumsum of the mask."""
+    """(B, T, V) logits predicting each response token, with position ids = exclusive cumsum of the mask.
+
+    Only the positions that predict response tokens go through the vocabulary projection.
+    """
     position_ids = exclusive_cumsum_positions(attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    return logits[:, prompt_len - 1:-1]
+    response_len = input_ids.shape[1] - prompt_len
+    logits = kept_logits(model, input_ids, attention_mask, response_len + 1, position_ids=position_ids)
+    return logits[:, :-1]
 
 
 class PPOTrainer:
@@ -211,6 +215,12 @@ class PPOTrainer:
         config, ppo = self.config, self.config.ppo
         run, accelerator, resume_from = start_run(config, resume)
         self.accelerator = accelerator
+        self.logprobs_from_generation = ppo.logprobs_from_generation
+        if self.logprobs_from_generation is None:
+            # Sampling runs outside autocast: under bf16/fp16 its logprobs would differ from the training
+            # forward's by more than rounding, and the first minibatch's ratio would not be 1.
+            self.logprobs_from_generation = (config.sampling.top_k == 0 and config.sampling.top_p == 1.0
+                                             and accelerator.mixed_precision == "no")
         self.setup_models()
         self.prompt_texts, self.prompt_ids = self.load_prompts()
         self.ptx_examples = []
@@ -248,6 +258,9 @@ class PPOTrainer:
                         dynamic_ncols=True)
         logger.info("PPO: %d prompts, %d steps of %d episodes", len(self.prompt_ids), total_steps, ppo.rollout_batch_size)
 
+        # This session's training time and work, logged with the last step (train_runtime_s, train_episodes,
+        # train_generated_tokens); writing samples and checkpoints is paused out.
+        train_start, paused_s, session_episodes, session_generated_tokens = time.perf_counter(), 0.0, 0, 0
         while state.step < total_steps:
             prompt_indices = prompt_order.indices(state.step)
             # 1-3: rollout, rewards, advantages (no gradients anywhere in here)
@@ -275,13 +288,20 @@ class PPOTrainer:
             state.step += 1
             state.examples_seen += episodes
             state.extra = {"kl_coef": self.kl_coef}
+            session_episodes += episodes
+            session_generated_tokens += int(rollout.response_mask.sum()) * accelerator.num_processes
+            if state.step == total_steps:
+                metrics.update(train_runtime_s=time.perf_counter() - train_start - paused_s,
+                               train_episodes=session_episodes, train_generated_tokens=session_generated_tokens)
             progress.update(1)
+            paused_at = time.perf_counter()
             if state.step % config.training.log_every == 0 or state.step == total_steps or state.step == 1:
                 metrics_logger.log(state.step, metrics, epoch=prompt_order.epoch_at(state.step))
                 self.write_samples(samples_path, rollout, state.step)
                 progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"})
             if config.training.save_every and state.step % config.training.save_every == 0 and state.step < total_steps:
                 save_checkpoint(accelerator, run, state, config.training.keep_checkpoints)
+            paused_s += time.perf_counter() - paused_at
         progress.close()
 
         save_pretrained_atomic(accelerator, self.policy_model, self.tokenizer, run.final_dir)
@@ -341,7 +361,7 @@ class PPOTrainer:
             attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
             prompt_len = prompts.shape[1]
             with self.accelerator.autocast():
-                if ppo.logprobs_from_generation:
+                if self.logprobs_from_generation:
                     logprobs = sample_logprobs
                 else:
                     logprobs = logprobs_from_logits(response_logits(policy, input_ids, attention_mask, prompt_len),

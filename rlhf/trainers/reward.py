@@ -97,6 +97,9 @@ class RewardObjective:
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["pairs_per_prompt"].numel())
 
+    def length(self, example: dict) -> int:
+        return max(len(sequence) for sequence in example["sequences"])
+
     def loss_sum(self, model, batch):
         rewards = sequence_rewards(model, batch)
         chosen_rewards = rewards[batch["chosen_index"]]

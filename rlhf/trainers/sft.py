@@ -33,6 +33,9 @@ class LanguageModelingObjective:
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def length(self, example: dict) -> int:
+        return len(example["input_ids"])
+
     def loss_sum(self, model, batch):
         # Position t predicts token t+1. Logits only where a trained token is predicted: prompt and
         # padding positions skip the vocabulary projection. Log-softmax in fp32 whatever the autocast dtype.

@@ -174,6 +174,13 @@ def test_first_update_has_ratio_one_and_zero_kl_when_policy_is_the_reference(tok
     assert first["clipfrac"] == 0.0
 
 
+@pytest.mark.parametrize("sampling, expected", [({}, True), ({"top_k": 5}, False), ({"top_p": 0.9}, False)])
+def test_rollout_logprobs_come_from_sampling_by_default_only_when_the_temperature_alone_shapes_it(
+        tokenizer_dir, tmp_path, sampling, expected):
+    trainer = run_tiny_ppo(tmp_path, tokenizer_dir, sampling=sampling, training={"max_steps": 1})
+    assert trainer.logprobs_from_generation is expected  # fp32 on CPU: the precision condition holds
+
+
 # ----------------------------------------------------------------------------- frozen models (item 14)
 
 class GradientCheckingTrainer(RecordingTrainer):
@@ -439,7 +446,8 @@ def test_resume_gives_bitwise_the_unbroken_final(unbroken_run):
 
     metrics_a, metrics_b = read_jsonl(unbroken / "metrics.jsonl"), read_jsonl(broken / "metrics.jsonl")
     assert [m["step"] for m in metrics_b] == [1, 2, 3, 4]  # truncated to step 2, then 3 and 4 once each
-    timing = {"rollout_s", "update_s", "episodes_per_s", "generated_tokens_per_s"}
+    timing = {"rollout_s", "update_s", "episodes_per_s", "generated_tokens_per_s",
+              "train_runtime_s", "train_episodes", "train_generated_tokens"}  # the last two: this session's
     for a, b in zip(metrics_a, metrics_b):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     samples_a, samples_b = read_jsonl(unbroken / "samples.jsonl"), read_jsonl(broken / "samples.jsonl")

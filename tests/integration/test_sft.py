@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from conftest import make_rows, tiny_sft_config, write_jsonl
 from rlhf import SFTConfig, SFTTrainer, TrainingConfig, UserError, load_config
 from rlhf.config import to_dict
 from rlhf.models import PAD_TOKEN, load_causal_lm
+from rlhf.trainers.sft import LanguageModelingObjective
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -266,3 +268,27 @@ def test_killed_run_resumes_to_the_same_weights(tokenizer_dir, sft_files, tmp_pa
     assert [m["step"] for m in metrics if "eval/loss" in m] == [0, 8, 16, 24, 32]
     unbroken_losses = [m["loss"] for m in read_metrics(str(tmp_path / "unbroken")) if "loss" in m]
     assert [m["loss"] for m in train_lines] == unbroken_losses
+
+
+def test_length_grouped_batches_train_on_less_padding(tokenizer_dir, sft_files, tmp_path, monkeypatch):
+    train, _ = sft_files
+    padding = {}
+    collate = LanguageModelingObjective.collate
+    for grouped in (False, True):
+        config = tiny_sft_config(tokenizer_dir, train, None, str(tmp_path / f"run-{grouped}"), num_epochs=1,
+                                 group_by_length=grouped)
+        config.data.eval_fraction = 0.0
+        config.logging.num_samples = 0
+        pads = []
+
+        def recording_collate(self, examples, pads=pads):
+            batch = collate(self, examples)
+            pads.append(batch["attention_mask"].numel() - int(batch["attention_mask"].sum()))
+            return batch
+
+        monkeypatch.setattr(LanguageModelingObjective, "collate", recording_collate)
+        SFTTrainer(config).train()
+        padding[grouped] = sum(pads)
+        last = read_metrics(config.output_dir)[-1]
+        assert last["train_tokens"] > 0 and last["train_runtime_s"] > 0 and math.isfinite(last["loss"])
+    assert padding[True] < padding[False]

@@ -14,6 +14,7 @@ from rlhf.training import (
     RunDirectory,
     atomic_directory,
     evaluation_batches,
+    group_by_length,
     lr_multiplier,
     truncate_jsonl,
 )
@@ -71,6 +72,27 @@ def test_micro_batch_order_is_deterministic_and_addressable_by_position():
         assert MicroBatchOrder(20, 4, seed=3).indices(m) == stream[m]
     assert MicroBatchOrder(20, 4, seed=4).indices(0) != stream[0]
     assert MicroBatchOrder(20, 4, seed=3, shuffle=False).indices(1) == [4, 5, 6, 7]
+
+
+def test_length_grouping_sorts_windows_of_the_shuffled_epoch_and_keeps_every_example():
+    assert group_by_length([0, 1, 2, 3, 4, 5], [5, 1, 9, 2, 8, 3], window=3) == [2, 0, 1, 4, 5, 3]
+    lengths = [(i * 37) % 101 for i in range(100)]
+    grouped = MicroBatchOrder(100, 4, seed=1, lengths=lengths)
+    plain = MicroBatchOrder(100, 4, seed=1)
+    assert grouped.micro_batches_per_epoch == 25
+    for epoch in range(2):
+        batches = [grouped.indices(m) for m in range(25 * epoch, 25 * epoch + 25)]
+        assert sorted(i for b in batches for i in b) == list(range(100))
+        # One window of 50 batches covers the epoch here: batches are sorted runs, longest first.
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(flat, reverse=True)
+    assert grouped.epoch_order(0) != grouped.epoch_order(1) or plain.epoch_order(0) != plain.epoch_order(1)
+    # Padding per batch (max - mean) falls; resuming at a position finds the same batch.
+    def padding(order):
+        return sum(max(lengths[i] for i in order.indices(m)) * 4 - sum(lengths[i] for i in order.indices(m))
+                   for m in range(25))
+    assert padding(grouped) < padding(plain) / 5
+    assert MicroBatchOrder(100, 4, seed=1, lengths=lengths).indices(17) == grouped.indices(17)
 
 
 def test_micro_batch_order_splits_processes_without_overlap():
