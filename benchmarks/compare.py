@@ -1,0 +1,468 @@
+#!/usr/bin/env python
+"""Our trainers against the TRL anchors and the plain-torch ceiling on the shared workload, interleaved.
+
+    python benchmarks/compare.py [--rounds 3] [--stages sft,rm,ppo] [--skip-double]
+
+Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), the TRL
+anchor (trl_sft.py / trl_rm.py in the trl116 venv, trl_ppo.py in trl029), the plain-torch
+ceiling for that stage alone (torch_ceiling.py --stage <stage>, trl116, so its peak RSS is the
+stage's own) and ours on the 2x-length variant; ``peak_flops.py`` runs once first. Interleaving
+spreads a machine's slow phases over every implementation; medians over rounds are compared.
+
+Prints a table of medians, ``ours ÷ ceiling``, and as its last line
+``ratios: sft=X.XX rm=X.XX ppo=X.XX`` (ours ÷ TRL, medians of tokens/s, pairs/s, episodes/s).
+Writes BENCHMARKS.md at the repository root and the raw JSON lines to benchmarks/results/latest.jsonl.
+
+Where things are: the shared bench directory from RLHF_BENCH_SHARED (default
+<repo>/../shared/bench), the anchor venvs from BENCH_VENVS (default ~/.cache/rlhf-bench/venvs),
+the workload from RLHF_BENCH_DIR (default ~/.cache/rlhf-bench/workload); ``bash
+../shared/bench/setup.sh`` builds all three. BENCH_THREADS (default 2) reaches every run.
+
+No torch here: this script only starts processes and reads their last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import common
+
+STAGES = ("sft", "rm", "ppo")
+# The throughput each stage is judged by (WORKLOAD.md), with its unit for the table.
+THROUGHPUT = {"sft": ("tokens_per_s", "real tokens/s"), "rm": ("pairs_per_s", "pairs/s"),
+              "ppo": ("episodes_per_s", "episodes/s")}
+IMPLEMENTATIONS = (("rlhf", "1x", "ours"), ("trl", "1x", "TRL"), ("ceiling", "1x", "plain-torch ceiling"),
+                   ("rlhf", "2x-length", "ours, 2x-length"))
+CONTAMINATION_LIMIT = 0.05  # other processes' share of the CPU above which a run is flagged
+ANCHOR_VENV = {"sft": "trl116", "rm": "trl116", "ppo": "trl029"}  # TRL 0.29.1 is the last with a PPOTrainer
+# The anchors' PPO episode (WORKLOAD.md) when a result line does not state its own lengths.
+PPO_PROMPT_TOKENS, PPO_NEW_TOKENS = 32, 32
+EMBEDDING_NAMES = {"wte", "wpe", "embed_tokens", "embed_positions", "word_embeddings", "position_embeddings",
+                   "lm_head"}  # lm_head is tied to wte in the workload model
+
+
+class BenchError(Exception):
+    """A run failed or something the runs need is missing (one message, then exit non-zero)."""
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def non_embedding_params(model_dir: Path) -> int:
+    """Parameters of the workload model outside token/position embeddings (and the tied lm_head).
+
+    Read from the safetensors header (tensor names and shapes), so no torch is needed; this is
+    the N of the 6·N·tokens rule, as anchors/common.py's non_embedding_params counts it.
+    """
+    with open(model_dir / "model.safetensors", "rb") as handle:
+        header_length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(header_length))
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__" or EMBEDDING_NAMES & set(name.split(".")):
+            continue
+        count = 1
+        for size in entry["shape"]:
+            count *= size
+        total += count
+    return total
+
+
+def ppo_flops_per_episode(n_params: int, prompt_tokens: float, new_tokens: float) -> float:
+    """Analytic arithmetic of one PPO episode (one PPO epoch), the same count for every implementation.
+
+    Over the L = prompt + response tokens of an episode:
+      generation (KV-cached)                       2N per token
+      policy logprob, reference, reward and value forwards   4 × 2N per token
+      policy training and value training (forward + backward)   2 × 6N per token
+    = 22·N·L. An implementation that skips a forward (TRL, and ours with
+    ``ppo.logprobs_from_generation``, take the rollout logprobs from sampling) does less than
+    this count and shows a higher share of the peak for the same work.
+    """
+    return 22.0 * n_params * (prompt_tokens + new_tokens)
+
+
+def achieved_gflops(stage: str, result: dict, n_params: int) -> float | None:
+    """Useful GFLOP/s of one run: 6·N·real tokens/s for SFT and RM, 22·N·L·episodes/s for PPO."""
+    if stage in ("sft", "rm"):
+        tokens_per_s = result.get("tokens_per_s")
+        return None if tokens_per_s is None else 6.0 * n_params * tokens_per_s / 1e9
+    episodes_per_s = result.get("episodes_per_s")
+    if episodes_per_s is None:
+        return None
+    flops = ppo_flops_per_episode(n_params, result.get("prompt_tokens_per_episode", PPO_PROMPT_TOKENS),
+                                  result.get("new_tokens_per_episode", PPO_NEW_TOKENS))
+    return flops * episodes_per_s / 1e9
+
+
+def peak_gflops_of(result: dict) -> float:
+    """The matmul peak: the best per-size median of peak_flops.py's trials (a median resists one lucky trial)."""
+    return max(size["gflops_median"] for size in result["results"])
+
+
+# ----------------------------------------------------------------------------- summarising (pure)
+
+def other_cpu_frac(result: dict) -> float | None:
+    """Other processes' CPU share during the timed part; None where a script does not measure it (the ceiling)."""
+    cpu = result.get("cpu")
+    return cpu.get("other_cpu_frac") if isinstance(cpu, dict) else None
+
+
+def is_flagged(result: dict) -> bool:
+    frac = other_cpu_frac(result)
+    return frac is not None and frac > CONTAMINATION_LIMIT
+
+
+@dataclass
+class Group:
+    """The runs of one stage × implementation × variant, and their medians."""
+
+    stage: str
+    impl: str
+    variant: str
+    label: str
+    throughputs: list[float] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)
+    gflops: list[float] = field(default_factory=list)
+    flags: list[bool] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float | None:
+        return median_or_none(self.throughputs)
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+@dataclass
+class Summary:
+    groups: list[Group]
+    peak_gflops: float | None
+    n_params: int | None
+    flagged: list[dict]  # {round, stage, impl, variant, other_cpu_frac}
+
+    def group(self, stage: str, impl: str, variant: str = "1x") -> Group | None:
+        return next((g for g in self.groups if (g.stage, g.impl, g.variant) == (stage, impl, variant)), None)
+
+    def ratio(self, stage: str, impl: str, variant: str = "1x", over: str = "trl") -> float | None:
+        """Median throughput of ``impl`` ÷ that of ``over`` on ``stage`` (None if either is missing)."""
+        mine, theirs = self.group(stage, impl, variant), self.group(stage, over)
+        if mine is None or theirs is None or not mine.throughput or not theirs.throughput:
+            return None
+        return mine.throughput / theirs.throughput
+
+
+def summarize(lines: list[dict], n_params: int | None = None) -> Summary:
+    """Medians per stage and implementation from compare.py's result lines.
+
+    Each line is ``{round, stage, impl, variant, result}`` with ``result`` the run's own JSON;
+    ``stage == "peak"`` is peak_flops.py.
+    """
+    peaks = [peak_gflops_of(line["result"]) for line in lines if line["stage"] == "peak"]
+    peak = median_or_none(peaks)
+    groups: list[Group] = []
+    flagged = []
+    for stage in STAGES:
+        key, _ = THROUGHPUT[stage]
+        for impl, variant, label in IMPLEMENTATIONS:
+            runs = [line for line in lines if (line["stage"], line["impl"], line["variant"]) == (stage, impl, variant)]
+            if not runs:
+                continue
+            group = Group(stage, impl, variant, label)
+            for line in runs:
+                result = line["result"]
+                group.throughputs.append(float(result[key]))
+                group.walls.append(float(result["wall_s"]))
+                if result.get("peak_rss_mb") is not None:
+                    group.rss.append(float(result["peak_rss_mb"]))
+                gflops = achieved_gflops(stage, result, n_params) if n_params else None
+                if gflops is not None:
+                    group.gflops.append(gflops)
+                group.flags.append(is_flagged(result))
+                group.rounds.append(line["round"])
+                if is_flagged(result):
+                    flagged.append({"round": line["round"], "stage": stage, "impl": impl, "variant": variant,
+                                    "other_cpu_frac": other_cpu_frac(result)})
+            groups.append(group)
+    return Summary(groups, peak, n_params, flagged)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def format_table(summary: Summary) -> str:
+    """A markdown table of medians; each run's throughput listed, a ``!`` on contaminated ones."""
+    rows = ["| stage | implementation | throughput (median) | wall s | peak RSS MB | GFLOP/s | share of peak | runs |",
+            "|---|---|---|---|---|---|---|---|"]
+    for group in summary.groups:
+        _, unit = THROUGHPUT[group.stage]
+        gflops = median_or_none(group.gflops)
+        share = (f"{100 * gflops / summary.peak_gflops:.0f} %"
+                 if gflops is not None and summary.peak_gflops else "n/a")
+        runs = ", ".join(f"{t:,.4g}{'!' if flag else ''}" for t, flag in zip(group.throughputs, group.flags))
+        rows.append(f"| {group.stage} | {group.label} | {fmt(group.throughput)} {unit} | {fmt(median_or_none(group.walls), 1)} "
+                    f"| {fmt(median_or_none(group.rss), 0)} | {fmt(gflops, 1)} | {share} | {runs} |")
+    return "\n".join(rows)
+
+
+def ratio_line(summary: Summary, name: str = "ratios", over: str = "trl", impl: str = "rlhf",
+               variant: str = "1x") -> str:
+    """``ratios: sft=X.XX rm=X.XX ppo=X.XX``: ``impl`` ÷ ``over`` medians (n/a for a stage not run)."""
+    parts = [f"{stage}={fmt(summary.ratio(stage, impl, variant, over))}" for stage in STAGES]
+    return f"{name}: " + " ".join(parts)
+
+
+def footnotes(summary: Summary) -> list[str]:
+    notes = [f"! other processes used more than {CONTAMINATION_LIMIT:.0%} of the CPU during the timed part: "
+             + ", ".join(f"round {f['round']} {f['stage']} {f['impl']} {f['variant']} ({f['other_cpu_frac']:.3f})"
+                         for f in summary.flagged)] if summary.flagged else []
+    if summary.peak_gflops:
+        notes.append(f"share of peak: useful GFLOP/s ÷ the measured fp32 matmul peak of {summary.peak_gflops:.0f} "
+                     f"GFLOP/s; N = {summary.n_params:,} non-embedding parameters")
+    return notes
+
+
+def ratio_lines(summary: Summary) -> list[str]:
+    """ours ÷ ceiling, ours 2x-length ÷ ours 1x, and last the ratios line (ours ÷ TRL)."""
+    return [ratio_line(summary, "ours ÷ ceiling", over="ceiling"),
+            ratio_line(summary, "2x-length ÷ 1x (ours)", over="rlhf", variant="2x-length"),
+            ratio_line(summary)]
+
+
+def report_text(summary: Summary) -> str:
+    """What compare.py prints: the table, its footnotes, then the ratio lines, the ratios line last."""
+    return "\n".join([format_table(summary), "", *footnotes(summary), "", *ratio_lines(summary)])
+
+
+# ----------------------------------------------------------------------------- locating and running
+
+@dataclass
+class Places:
+    shared: Path
+    venvs: Path
+    workload: Path
+    python: str  # ours
+
+
+def locate() -> Places:
+    shared = Path(os.environ.get("RLHF_BENCH_SHARED", str(common.REPO_ROOT.parent / "shared" / "bench")))
+    venvs = Path(os.environ.get("BENCH_VENVS", str(Path.home() / ".cache" / "rlhf-bench" / "venvs")))
+    ours = common.REPO_ROOT / ".venv" / "bin" / "python"
+    # Absolute, because the runs start in the repository root whatever directory we were started from.
+    return Places(shared.expanduser().resolve(), venvs.expanduser().resolve(), common.workload_root().resolve(),
+                  str(ours) if ours.exists() else sys.executable)
+
+
+def check_places(places: Places, stages: list[str]) -> None:
+    """Everything the runs need, or one line saying what is missing and how to get it."""
+    needed = [places.shared / "anchors" / "peak_flops.py", places.shared / "anchors" / "torch_ceiling.py"]
+    needed += [places.shared / "anchors" / f"trl_{stage}.py" for stage in stages]
+    needed += [places.venvs / venv / "bin" / "python" for venv in sorted({"trl116", *(ANCHOR_VENV[s] for s in stages)})]
+    for path in needed:
+        if not path.exists():
+            raise BenchError(f"compare: {path} not found (RLHF_BENCH_SHARED, BENCH_VENVS); {common.SETUP_HINT}")
+    try:
+        common.verify_workload(places.workload)
+    except common.WorkloadError as error:
+        raise BenchError(str(error)) from None
+
+
+def commands(places: Places, stage: str, skip_double: bool) -> list[tuple[str, str, list[str]]]:
+    """(impl, variant, argv) of one stage's runs in one round, in the order they run."""
+    anchors = places.shared / "anchors"
+    trl116 = str(places.venvs / "trl116" / "bin" / "python")
+    ours = [places.python, str(common.REPO_ROOT / "benchmarks" / f"{stage}.py")]
+    runs = [("rlhf", "1x", ours),
+            ("trl", "1x", [str(places.venvs / ANCHOR_VENV[stage] / "bin" / "python"), str(anchors / f"trl_{stage}.py")]),
+            ("ceiling", "1x", [trl116, str(anchors / "torch_ceiling.py"), "--stage", stage])]
+    if not skip_double:
+        runs.append(("rlhf", "2x-length", [*ours, "--double"]))
+    return runs
+
+
+def run_one(argv: list[str]) -> dict:
+    """Run a benchmark process; its last stdout line is its JSON result."""
+    env = {**os.environ, "BENCH_THREADS": os.environ.get("BENCH_THREADS", "2")}
+    process = subprocess.run(argv, cwd=common.REPO_ROOT, env=env, capture_output=True, text=True)
+    lines = process.stdout.strip().splitlines()
+    if process.returncode != 0 or not lines:
+        tail = "\n".join(process.stderr.strip().splitlines()[-15:])
+        raise BenchError(f"compare: `{' '.join(argv)}` failed (exit {process.returncode}); stderr tail:\n{tail}")
+    try:
+        return json.loads(lines[-1])
+    except ValueError:
+        raise BenchError(f"compare: `{' '.join(argv)}` did not end its stdout with a JSON line: {lines[-1][:200]}") from None
+
+
+def headline(stage: str, result: dict) -> str:
+    if stage == "peak":
+        return f"peak {peak_gflops_of(result):.0f} GFLOP/s"
+    key, unit = THROUGHPUT[stage]
+    frac = other_cpu_frac(result)
+    return (f"{result[key]:,.2f} {unit}, {result['wall_s']:.1f} s"
+            + (f", other CPU {frac:.3f}" if frac is not None else ""))
+
+
+def run_all(places: Places, stages: list[str], rounds: int, skip_double: bool, results_path: Path) -> list[dict]:
+    """peak_flops.py once, then ``rounds`` rounds of every stage's runs; each line saved as it comes."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text("")
+    plan = [(0, "peak", "peak", "1x", [str(places.venvs / "trl116" / "bin" / "python"),
+                                         str(places.shared / "anchors" / "peak_flops.py")])]
+    for round_index in range(1, rounds + 1):
+        for stage in stages:
+            plan += [(round_index, stage, impl, variant, argv) for impl, variant, argv in commands(places, stage, skip_double)]
+    lines = []
+    for index, (round_index, stage, impl, variant, argv) in enumerate(plan, 1):
+        started = time.perf_counter()
+        print(f"[{index}/{len(plan)}] round {round_index} {stage} {impl} {variant} ...", end=" ", file=sys.stderr, flush=True)
+        result = run_one(argv)
+        print(f"{headline(stage, result)} ({time.perf_counter() - started:.0f} s in all)", file=sys.stderr, flush=True)
+        line = {"round": round_index, "stage": stage, "impl": impl, "variant": variant, "command": argv, "result": result}
+        lines.append(line)
+        with open(results_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+    return lines
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions_text(lines: list[dict]) -> list[str]:
+    """One line per implementation and distinct set of versions, from the runs' own reports."""
+    seen: dict[str, str] = {}
+    for line in lines:
+        versions = line["result"].get("versions") or ({"torch": line["result"]["torch"]} if "torch" in line["result"] else None)
+        if not versions:
+            continue
+        who = {"rlhf": "ours", "trl": f"TRL anchor ({line['stage']})", "ceiling": "ceiling", "peak": "peak_flops"}[line["impl"]]
+        text = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        seen.setdefault(f"{who}: {text}", who)
+    return [f"- {entry}" for entry in seen]
+
+
+def benchmarks_md(summary: Summary, lines: list[dict], rounds: int, stages: list[str], started: datetime.datetime) -> str:
+    threads = os.environ.get("BENCH_THREADS", "2")
+    flagged = (", ".join(f"round {f['round']} {f['stage']} {f['impl']} {f['variant']} ({f['other_cpu_frac']:.3f})"
+                         for f in summary.flagged) or "none")
+    return f"""# Benchmarks: ours against TRL and a plain-torch ceiling
+
+Written by `benchmarks/compare.py` (`make bench`); overwritten by each run. Raw JSON lines:
+`benchmarks/results/latest.jsonl`.
+
+- date: {started:%Y-%m-%d %H:%M} (local time)
+- machine: {cpu_model()}, {os.cpu_count()} cores; {threads} torch threads per run (BENCH_THREADS), fp32
+- rounds: {rounds}, interleaved (ours, TRL, ceiling, ours 2x-length per stage and round); stages: {", ".join(stages)}
+- runs with other processes above {CONTAMINATION_LIMIT:.0%} of the CPU (flagged `!`): {flagged}
+
+{format_table(summary)}
+
+{chr(10).join(note + chr(10) for note in footnotes(summary))}
+```
+{chr(10).join(ratio_lines(summary))}
+```
+
+## What is measured
+The shared workload of `../shared/bench` (WORKLOAD.md, checked against its MANIFEST.json by
+every run): GPT-2 6 layers × 384, random init; SFT 512 rows, batch 8, max length 256; RM 256
+pairs, batch 8 pairs; PPO 128 episodes of 32 prompt + 32 sampled tokens (temperature 0.7),
+rollout 16, 2 minibatches of 8, 1 PPO epoch, policy + reference + reward + value model. AdamW lr
+5e-5 constant, clip 1.0, seed 0, 1 epoch, no evaluation or saving. The 2x-length variant doubles
+every text (`text + " " + text`; PPO prompts doubled and 64 new tokens) at max length 512.
+
+Throughput is real (non-pad) tokens/s for SFT, pairs/s for RM, episodes/s for PPO (the
+ratios compare these), over the training only: ours from the library's own `train_runtime_s` (first step to the end of the
+last, metrics.jsonl), the anchors from their trainer's `train()` call. Peak RSS is the whole
+process's maximum resident set. Medians over rounds; ratios are of medians.
+
+Useful arithmetic, the same count for every implementation (N = non-embedding parameters):
+- SFT and RM: 6·N per real token (forward + backward), counting the tokens each implementation
+  really processed: our reward model with `prefix_sharing` (default) runs each prompt once, TRL
+  and the ceiling once per response, so for RM its tokens/s and GFLOP/s count less work than
+  theirs and only pairs/s compares the same task.
+- PPO, per episode of L = prompt + response tokens: generation 2N·L, the policy-logprob,
+  reference, reward and value forwards 4 × 2N·L, policy and value training 2 × 6N·L:
+  **22·N·L** (with one PPO epoch). TRL takes its rollout logprobs from generation, and so do we
+  with `ppo.logprobs_from_generation` (our JSON line gives the value used): 20·N·L of real work.
+Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `peak_flops.py` measures
+(best per-size median, {threads} threads).
+
+## Where our runs differ from the anchors' work
+- Our tokenizer handling adds a dedicated pad token (the workload's pad is its EOS), so our
+  models have 8,193 embedding rows instead of 8,192 (one row more: negligible arithmetic).
+- PPO: our sampler ends a response at its first EOS and stops sampling once every response of
+  the batch has ended; the workload asks for no early stop. With the random model EOS is rare
+  (our JSON line gives `generated_tokens` against `generated_tokens_max`).
+- PPO: we keep separate policy and value optimizers (`ppo.separate_optimizers`, default),
+  TRL one over both; the value model starts from the reward model (`critic.init: reward`),
+  TRL's from the GPT-2 with a fresh head (the same arithmetic).
+- Every run of ours uses the library's defaults for what the workload leaves open
+  (`training.group_by_length`, `prefix_sharing`, `ppo.logprobs_from_generation`; each JSON
+  line records them).
+
+## Versions
+{chr(10).join(versions_text(lines))}
+"""
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are over them)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of sft,rm,ppo")
+    parser.add_argument("--skip-double", action="store_true", help="leave out the 2x-length runs of ours")
+    args = parser.parse_args(argv)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown or not args.stages:
+        parser.error(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; expected some of sft,rm,ppo")
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = datetime.datetime.now()
+    try:
+        places = locate()
+        check_places(places, args.stages)
+        lines = run_all(places, args.stages, args.rounds, args.skip_double,
+                        common.REPO_ROOT / "benchmarks" / "results" / "latest.jsonl")
+    except BenchError as error:
+        print(error, file=sys.stderr)
+        return 2 if "setup.sh" in str(error) else 1
+    summary = summarize(lines, non_embedding_params(places.workload / "model"))
+    (common.REPO_ROOT / "BENCHMARKS.md").write_text(benchmarks_md(summary, lines, args.rounds, args.stages, started),
+                                                    encoding="utf-8")
+    print(report_text(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Our SFTTrainer on the shared benchmark workload, with the anchors' settings (WORKLOAD.md).
+
+    python benchmarks/sft.py [--double] [--config benchmarks/configs/sft.yaml] [key=value ...]
+
+512 prompt/completion rows, batch 8 sequences, max length 256, AdamW lr 5e-5 constant, clip 1.0,
+1 epoch, seed 0, fp32, BENCH_THREADS torch threads (default 2); no evaluation, checkpoints or
+samples. The run goes through the library entry point (``load_config`` + ``SFTTrainer.train``)
+into a temporary output_dir. The training time is the library's own ``train_runtime_s``
+(first step to the end of the last, metrics.jsonl), so model loading and tokenisation stay out.
+
+``--double``: the scaling row, every prompt and completion written twice (``text + " " + text``)
+and max length 512 (variant "2x-length").
+
+Prints one JSON line as the last line of stdout.
+"""
+
+import common
+
+THREADS = common.pin_threads()  # before torch loads (rlhf imports it)
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from rlhf.config import SFTConfig, load_config  # noqa: E402
+from rlhf.trainers.sft import SFTTrainer  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--double", action="store_true", help="2x-length variant: texts doubled, max length 512")
+    parser.add_argument("--config", default=str(common.CONFIG_DIR / "sft.yaml"))
+    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    root, manifest = common.verified_workload_or_exit()
+    common.setup_logging()
+    torch.set_num_threads(THREADS)
+    scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-sft-"))
+    try:
+        data_path = root / "sft.jsonl"
+        if args.double:  # preparing the variant's data is the workload's job, not the trainer's: untimed
+            data_path = scratch / "sft_2x.jsonl"
+            common.write_jsonl(data_path, [common.doubled(r, ("prompt", "completion"))
+                                           for r in common.read_jsonl(root / "sft.jsonl")])
+        output_dir = scratch / "run"
+        overrides = [f"output_dir={output_dir}", f"model.name_or_path={root / 'model'}",
+                     f"model.tokenizer={root / 'tokenizer'}", f"data.path={data_path}",
+                     *(["data.max_length=512"] if args.double else []), *args.overrides]
+
+        started = time.perf_counter()
+        config = load_config(SFTConfig, args.config, overrides)
+        # "SFT: %d train / %d eval examples, ...": logged after loading and tokenisation, before the first step
+        watch = common.TrainingStartWatch("SFT:").attach("rlhf.trainers.sft")
+        SFTTrainer(config).train()
+        cpu = watch.require().monitor.stop()  # from the first step to train()'s return (final/ written)
+        record = common.training_record(output_dir)
+        runtime, tokens = record["train_runtime_s"], int(record["train_tokens"])
+        common.emit({
+            "stage": "sft",
+            "impl": "rlhf",
+            "variant": "2x-length" if args.double else "1x",
+            "wall_s": round(runtime, 3),
+            "load_and_prepare_s": round(watch.at - started, 3),
+            "examples": watch.args[0],
+            "steps": record["step"],
+            "nonpad_tokens": tokens,
+            "tokens_per_s": round(tokens / runtime, 2),
+            "final_loss": round(record["loss"], 4),
+            "max_length": config.data.max_length,
+            "group_by_length": config.training.group_by_length,
+            "peak_rss_mb": round(common.peak_rss_mb(), 1),
+            "cpu": cpu,
+            "threads": THREADS,
+            "versions": common.versions(),
+            "env": common.env_info(),
+            "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
+        })
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
