@@ -317,15 +317,21 @@ def headline(stage: str, result: dict) -> str:
             + (f", other CPU {frac:.3f}" if frac is not None else ""))
 
 
-def run_all(places: Places, stages: list[str], rounds: int, skip_double: bool, results_path: Path) -> list[dict]:
-    """peak_flops.py once, then ``rounds`` rounds of every stage's runs; each line saved as it comes."""
+def run_all(places: Places, stages: list[str], rounds: int, skip_double: bool, results_path: Path,
+            double_rounds: int | None = None) -> list[dict]:
+    """peak_flops.py once, then ``rounds`` rounds of every stage's runs; each line saved as it comes.
+
+    The 2x-length runs (a scaling row, the slowest runs) take part in the first ``double_rounds``
+    rounds only (None: all).
+    """
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text("")
     plan = [(0, "peak", "peak", "1x", [str(places.venvs / "trl116" / "bin" / "python"),
                                          str(places.shared / "anchors" / "peak_flops.py")])]
     for round_index in range(1, rounds + 1):
         for stage in stages:
-            plan += [(round_index, stage, impl, variant, argv) for impl, variant, argv in commands(places, stage, skip_double)]
+            no_double = skip_double or (double_rounds is not None and round_index > double_rounds)
+            plan += [(round_index, stage, impl, variant, argv) for impl, variant, argv in commands(places, stage, no_double)]
     lines = []
     for index, (round_index, stage, impl, variant, argv) in enumerate(plan, 1):
         started = time.perf_counter()
@@ -420,9 +426,10 @@ Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `peak_flops.py` meas
 - PPO: we keep separate policy and value optimizers (`ppo.separate_optimizers`, default),
   TRL one over both; the value model starts from the reward model (`critic.init: reward`),
   TRL's from the GPT-2 with a fresh head (the same arithmetic).
-- Every run of ours uses the library's defaults for what the workload leaves open
-  (`training.group_by_length`, `prefix_sharing`, `ppo.logprobs_from_generation`; each JSON
-  line records them).
+- SFT and RM batch rows of similar length (`training.group_by_length: true` in
+  benchmarks/configs/, as the ceiling's length-sorted batches; the same rows, in another order);
+  everything else the workload leaves open takes the library's defaults (`prefix_sharing`,
+  `ppo.logprobs_from_generation`); each JSON line records them.
 
 ## Versions
 {chr(10).join(versions_text(lines))}
@@ -436,6 +443,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are over them)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of sft,rm,ppo")
     parser.add_argument("--skip-double", action="store_true", help="leave out the 2x-length runs of ours")
+    parser.add_argument("--double-rounds", type=int, default=1,
+                        help="run the 2x-length rows in the first N rounds only (default 1: a scaling row, the slowest runs)")
     args = parser.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES]
@@ -453,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         places = locate()
         check_places(places, args.stages)
         lines = run_all(places, args.stages, args.rounds, args.skip_double,
-                        common.REPO_ROOT / "benchmarks" / "results" / "latest.jsonl")
+                        common.REPO_ROOT / "benchmarks" / "results" / "latest.jsonl", args.double_rounds)
     except BenchError as error:
         print(error, file=sys.stderr)
         return 2 if "setup.sh" in str(error) else 1

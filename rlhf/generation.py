@@ -81,7 +81,10 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     attention_mask = prompt_mask.clone()
     positions = exclusive_cumsum_positions(attention_mask)
-    output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
+    # Only the last prompt position's logits are read: skip the vocabulary projection of the others.
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   **keep_last)
     cache, next_logits = output[cache_argument], output.logits[:, -1]
     next_position = attention_mask.sum(-1, keepdim=True)
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)

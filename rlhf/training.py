@@ -181,10 +181,8 @@ def create_optimizer(parameters, training: TrainingConfig) -> torch.optim.AdamW:
     no_decay = [p for name, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # foreach: one multi-tensor kernel per update step instead of a Python loop over parameters
-    # (the default on GPU only); the same arithmetic.
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr,
-                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps, foreach=True)
+                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
