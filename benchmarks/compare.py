@@ -423,9 +423,10 @@ Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `peak_flops.py` meas
 - PPO: our sampler ends a response at its first EOS and stops sampling once every response of
   the batch has ended; the workload asks for no early stop. With the random model EOS is rare
   (our JSON line gives `generated_tokens` against `generated_tokens_max`).
-- PPO: we keep separate policy and value optimizers (`ppo.separate_optimizers`, default),
-  TRL one over both; the value model starts from the reward model (`critic.init: reward`),
-  TRL's from the GPT-2 with a fresh head (the same arithmetic).
+- PPO: one AdamW over policy and value as TRL (`ppo.separate_optimizers: false` in
+  benchmarks/configs/ppo.yaml; the library's default keeps two); the value model starts from
+  the reward model (`critic.init: reward`), TRL's from the GPT-2 with a fresh head (the same
+  arithmetic).
 - SFT and RM batch rows of similar length (`training.group_by_length: true` in
   benchmarks/configs/, as the ceiling's length-sorted batches; the same rows, in another order);
   everything else the workload leaves open takes the library's defaults (`prefix_sharing`,
