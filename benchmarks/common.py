@@ -270,3 +270,41 @@ def setup_logging() -> None:
     """Library logs and progress go to stderr, so stdout ends with the result line."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("rlhf").setLevel(logging.INFO)
+
+
+# ----------------------------------------------------------------------------- what every stage script does
+
+def parse_stage_args(description: str, stage: str, double_help: str):
+    """The command line of benchmarks/<stage>.py: --double, --config (default configs/<stage>.yaml), overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--double", action="store_true", help=double_help)
+    parser.add_argument("--config", default=str(CONFIG_DIR / f"{stage}.yaml"))
+    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    return parser.parse_args()
+
+
+def workload_data(root: Path, scratch: Path, name: str, fields: tuple[str, ...], double: bool) -> Path:
+    """The workload's data file ``name``, or (``double``) a copy in ``scratch`` with ``fields`` doubled.
+
+    Preparing the variant's data is the workload's job, not the trainer's: it happens before any timing.
+    """
+    source = root / name
+    if not double:
+        return source
+    target = scratch / name.replace(".jsonl", "_2x.jsonl")
+    write_jsonl(target, [doubled(row, fields) for row in read_jsonl(source)])
+    return target
+
+
+def run_fields(manifest: dict, cpu: dict, threads: int) -> dict:
+    """The fields every stage's result line ends with: memory, CPU contamination, threads, versions, workload."""
+    return {
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "cpu": cpu,
+        "threads": threads,
+        "versions": versions(),
+        "env": env_info(),
+        "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
+    }

@@ -26,7 +26,6 @@ import common
 
 THREADS = common.pin_threads()  # before torch loads (rlhf imports it)
 
-import argparse  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -37,14 +36,6 @@ import torch  # noqa: E402
 from rlhf.config import ModelConfig, PPOConfig, load_config  # noqa: E402
 from rlhf.models import ScalarHeadModel, load_causal_lm  # noqa: E402
 from rlhf.trainers.ppo import PPOTrainer  # noqa: E402
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--double", action="store_true", help="2x-length variant: prompts doubled, 64 new tokens")
-    parser.add_argument("--config", default=str(common.CONFIG_DIR / "ppo.yaml"))
-    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
-    return parser.parse_args()
 
 
 def build_reward_model(root: Path, directory: Path, seed: int) -> None:
@@ -62,16 +53,13 @@ def build_reward_model(root: Path, directory: Path, seed: int) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    args = common.parse_stage_args(__doc__.splitlines()[0], "ppo", "2x-length variant: prompts doubled, 64 new tokens")
     root, manifest = common.verified_workload_or_exit()
     common.setup_logging()
     torch.set_num_threads(THREADS)
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
     try:
-        data_path = root / "ppo.jsonl"
-        if args.double:  # preparing the variant's data is the workload's job, not the trainer's: untimed
-            data_path = scratch / "ppo_2x.jsonl"
-            common.write_jsonl(data_path, [common.doubled(r, ("prompt",)) for r in common.read_jsonl(root / "ppo.jsonl")])
+        data_path = common.workload_data(root, scratch, "ppo.jsonl", ("prompt",), args.double)
         started = time.perf_counter()
         reward_dir = scratch / "reward_model"
         build_reward_model(root, reward_dir, seed=0)
@@ -114,12 +102,7 @@ def main() -> None:
             "logprobs_from_generation": getattr(trainer, "logprobs_from_generation", config.ppo.logprobs_from_generation),
             "final_loss": round(record["policy_loss"], 4),
             "final_value_loss": round(record["value_loss"], 4),
-            "peak_rss_mb": round(common.peak_rss_mb(), 1),
-            "cpu": cpu,
-            "threads": THREADS,
-            "versions": common.versions(),
-            "env": common.env_info(),
-            "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
+            **common.run_fields(manifest, cpu, THREADS),
         })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

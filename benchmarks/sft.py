@@ -19,7 +19,6 @@ import common
 
 THREADS = common.pin_threads()  # before torch loads (rlhf imports it)
 
-import argparse  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -31,26 +30,14 @@ from rlhf.config import SFTConfig, load_config  # noqa: E402
 from rlhf.trainers.sft import SFTTrainer  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--double", action="store_true", help="2x-length variant: texts doubled, max length 512")
-    parser.add_argument("--config", default=str(common.CONFIG_DIR / "sft.yaml"))
-    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    args = common.parse_stage_args(__doc__.splitlines()[0], "sft", "2x-length variant: texts doubled, max length 512")
     root, manifest = common.verified_workload_or_exit()
     common.setup_logging()
     torch.set_num_threads(THREADS)
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-sft-"))
     try:
-        data_path = root / "sft.jsonl"
-        if args.double:  # preparing the variant's data is the workload's job, not the trainer's: untimed
-            data_path = scratch / "sft_2x.jsonl"
-            common.write_jsonl(data_path, [common.doubled(r, ("prompt", "completion"))
-                                           for r in common.read_jsonl(root / "sft.jsonl")])
+        data_path = common.workload_data(root, scratch, "sft.jsonl", ("prompt", "completion"), args.double)
         output_dir = scratch / "run"
         overrides = [f"output_dir={output_dir}", f"model.name_or_path={root / 'model'}",
                      f"model.tokenizer={root / 'tokenizer'}", f"data.path={data_path}",
@@ -77,12 +64,7 @@ def main() -> None:
             "final_loss": round(record["loss"], 4),
             "max_length": config.data.max_length,
             "group_by_length": config.training.group_by_length,
-            "peak_rss_mb": round(common.peak_rss_mb(), 1),
-            "cpu": cpu,
-            "threads": THREADS,
-            "versions": common.versions(),
-            "env": common.env_info(),
-            "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
+            **common.run_fields(manifest, cpu, THREADS),
         })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
