@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import math
@@ -233,12 +234,22 @@ def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str
     texts, ids = read_prompts(prompts_path, tokenizer, config.evaluation.num_prompts if held_out else feedback.num_prompts)
     # Held-out pairs get the same seed every round, so RM accuracy is comparable across rounds.
     seed = config.sft.training.seed * 1000 + (1 if held_out else 10 * round_index)
-    responses = sample_responses(policy_path, ids, 2 if held_out else feedback.responses_per_prompt,
-                                 feedback.temperature, feedback.max_new_tokens, feedback.batch_size, seed)
+    num_samples = feedback.eval_responses_per_prompt if held_out else feedback.responses_per_prompt
+    responses = sample_responses(policy_path, ids, num_samples, feedback.temperature, feedback.max_new_tokens,
+                                 feedback.batch_size, seed)
     labeler = load_reward_function(feedback.labeler, key="feedback.labeler")
-    # Held-out pairs are labelled without noise: RM accuracy there is agreement with the gold preference.
-    rows = labeler(texts, responses, random.Random(seed), 0.0 if held_out else feedback.noise_temperature,
-                   2 if held_out else feedback.responses_per_prompt)
+    if held_out:
+        # Every pair of a prompt's responses, each labelled without noise: RM accuracy on them is
+        # agreement with the gold preference. Pairs (not one ranking per prompt) so that a tie, which
+        # has no gold preference, is dropped by the labeler instead of being broken at random.
+        pair_prompts, pairs = [], []
+        for text, candidates in zip(texts, responses):
+            for first, second in itertools.combinations(candidates, 2):
+                pair_prompts.append(text)
+                pairs.append([first, second])
+        rows = labeler(pair_prompts, pairs, random.Random(seed), 0.0, 2)
+    else:
+        rows = labeler(texts, responses, random.Random(seed), feedback.noise_temperature, num_samples)
     if not rows:
         raise UserError(f"feedback: the labeler produced no comparisons from {len(texts)} prompts of {prompts_path}")
     os.makedirs(os.path.dirname(path), exist_ok=True)

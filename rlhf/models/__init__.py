@@ -10,10 +10,11 @@ from rlhf.models.backbone import (
     load_causal_lm,
     load_tokenizer,
     resolve_max_length,
+    use_fused_gelu,
 )
 from rlhf.models.heads import ScalarHeadModel, load_scalar_model
 
 __all__ = [
     "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "disable_dropout", "ensure_pad_token", "kept_logits",
-    "load_causal_lm", "load_scalar_model", "load_tokenizer", "resolve_max_length",
+    "load_causal_lm", "load_scalar_model", "load_tokenizer", "resolve_max_length", "use_fused_gelu",
 ]

@@ -56,9 +56,15 @@ def test_shrunken_pipeline_runs_chains_and_reports(tmp_path):
 
     # simulated comparisons in the RM data format
     first = json.loads((out / "round-0" / "feedback" / "comparisons.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"prompt", "responses", "ranking"} and sorted(first["ranking"]) == [0, 1, 2, 3]
-    held_out = json.loads((out / "round-0" / "feedback" / "eval_pairs.jsonl").read_text().splitlines()[0])
-    assert set(held_out) == {"prompt", "chosen", "rejected"}
+    assert set(first) == {"prompt", "responses", "ranking"} and sorted(first["ranking"]) == list(range(8))
+    held_out = [json.loads(l) for l in (out / "round-0" / "feedback" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert set(held_out[0]) == {"prompt", "chosen", "rejected"}
+    # every pair of 4 responses per held-out prompt, labelled without noise, ties dropped
+    from rlhf.demo.gold import gold_score
+
+    assert all(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in held_out)
+    per_prompt = [sum(r["prompt"] == p for r in held_out) for p in {r["prompt"] for r in held_out}]
+    assert max(per_prompt) <= 6 and len(held_out) > len(per_prompt)
 
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["num_prompts"] == 8

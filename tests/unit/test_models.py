@@ -19,6 +19,7 @@ from rlhf.models import (
     load_scalar_model,
     load_tokenizer,
     resolve_max_length,
+    use_fused_gelu,
 )
 
 TINY = ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
@@ -70,7 +71,7 @@ def test_passed_tokenizer_without_pad_gets_one_too(tokenizer_dir):
 # ----------------------------------------------------------------------------- loading checkpoints
 
 def test_our_backbone_gives_the_logits_of_plain_transformers(tokenizer_dir, tmp_path):
-    """As minGPT's test_huggingface_import: a local checkpoint loads to exactly the same function."""
+    """As minGPT's test_huggingface_import: a local checkpoint loads to the same function (bit-exact with fused_gelu off)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     torch.manual_seed(0)
@@ -80,14 +81,16 @@ def test_our_backbone_gives_the_logits_of_plain_transformers(tokenizer_dir, tmp_
     reference.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
-    ours, _ = load_causal_lm(ModelConfig(name_or_path=str(tmp_path)))
+    exact, _ = load_causal_lm(ModelConfig(name_or_path=str(tmp_path), fused_gelu=False))
+    ours, _ = load_causal_lm(ModelConfig(name_or_path=str(tmp_path)))  # GPT-2's GELU as the fused kernel
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    ours.eval()
-    plain.eval()
+    for model in (exact, ours, plain):
+        model.eval()
     input_ids = torch.tensor([tokenizer("The cat sat on the mat.")["input_ids"][:6],
                               tokenizer("The dog ran on the log.")["input_ids"][:6]])
     with torch.no_grad():
-        assert torch.equal(ours(input_ids).logits, plain(input_ids).logits)
+        assert torch.equal(exact(input_ids).logits, plain(input_ids).logits)
+        torch.testing.assert_close(ours(input_ids).logits, plain(input_ids).logits, rtol=0, atol=1e-5)
     assert next(ours.parameters()).dtype == torch.float32
 
 
@@ -131,6 +134,30 @@ def test_disable_dropout_makes_train_mode_deterministic(tokenizer_dir):
     quiet, _ = load_causal_lm(config)
     quiet.train()
     assert torch.equal(quiet(input_ids).logits, quiet(input_ids).logits)
+
+
+def test_fused_gelu_replaces_gpt2s_python_gelu_with_equal_outputs(tokenizer_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    config = tiny_model_config(tokenizer_dir, activation="gelu_new")  # what gpt2 checkpoints use
+    config.fused_gelu = False
+    model, tokenizer = load_causal_lm(config, seed=0)
+    kinds = {type(m) for m in model.modules()}
+    assert NewGELUActivation in kinds and GELUTanh not in kinds  # the control
+    input_ids = torch.arange(3, 19).reshape(2, 8)
+    before = model(input_ids).logits
+
+    assert use_fused_gelu(model) == config.from_config.n_layer
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    torch.testing.assert_close(model(input_ids).logits, before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)  # the checkpoint keeps its activation name
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.activation_function == "gelu_new"
+
+    config.fused_gelu = True  # the default: the loader does it
+    fused, _ = load_causal_lm(config, seed=0)
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    torch.testing.assert_close(fused(input_ids).logits, before, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- scalar head
