@@ -15,7 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf.functional import exclusive_cumsum_positions, logprobs_from_logits, truncate_after_eos
-from rlhf.generation import filter_logits, sample_with_logprobs
+from rlhf.generation import filter_logits, preallocated_cache, sample_with_logprobs
 
 VOCAB, PAD, EOS = 64, 0, 1
 TEMPERATURE = 0.7
@@ -108,6 +108,18 @@ def test_generation_logprobs_equal_a_full_forward():
     logprobs, mask = forward_logprobs(model, prompt_ids, prompt_mask, response_ids)
     assert mask.sum() > 20  # enough tokens for the check to mean something
     assert (logprobs - sampled_logprobs)[mask].abs().max() <= 1e-5
+
+
+def test_preallocated_cache_samples_what_the_growing_cache_samples(monkeypatch):
+    import rlhf.generation
+
+    model = tiny_gpt2()
+    assert type(preallocated_cache(model, 20)).__name__ == "StaticCache"  # GPT-2 declares support
+    _, _, static_ids, static_logprobs = sample(model)
+    monkeypatch.setattr(rlhf.generation, "preallocated_cache", lambda model, max_length: None)
+    _, _, growing_ids, growing_logprobs = sample(model)
+    assert torch.equal(static_ids, growing_ids)
+    assert (static_logprobs - growing_logprobs).abs().max() <= 1e-5
 
 
 def test_negative_control_forward_without_position_ids_on_a_left_padded_row():
