@@ -71,7 +71,7 @@ class ModelConfig:
     disable_dropout: bool = param(True, help="set every dropout probability to 0 (RLHF practice; see PPO-NOTES 35)")
     fused_gelu: bool = param(True, help=(
         "run GPT-2's python tanh GELU ('gelu_new') as torch's fused kernel: the same function up to float "
-        "rounding, faster on CPU and GPU; the saved config is not changed"))
+        "rounding, faster and lighter (measured on CPU); the saved config is not changed"))
 
 
 @dataclass

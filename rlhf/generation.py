@@ -78,13 +78,16 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     from rlhf.functional import exclusive_cumsum_positions
 
     # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
-    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward_parameters = inspect.signature(model.forward).parameters
+    cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
     attention_mask = prompt_mask.clone()
     positions = exclusive_cumsum_positions(attention_mask)
     # Only the last prompt position's logits are read: skip the vocabulary projection of the others.
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
     # A key/value cache allocated once for the whole response: no torch.cat of every layer's cache per token.
-    cache = preallocated_cache(model, prompt_ids.shape[1] + max_new_tokens)
+    # Only with the cache API this was tested on (the `cache` argument): older releases need cache
+    # positions passed by hand for a static cache.
+    cache = preallocated_cache(model, prompt_ids.shape[1] + max_new_tokens) if cache_argument == "cache" else None
     output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                    **keep_last, **({cache_argument: cache} if cache is not None else {}))
     cache, next_logits = output[cache_argument], output.logits[:, -1]
@@ -117,9 +120,7 @@ def preallocated_cache(model, max_length: int):
     checks); the sampled tokens and logprobs equal the growing cache's up to float rounding. Measured on
     the PPO benchmark (6-layer GPT-2, 16 rows, 32 new tokens, 2 CPU threads): +5 to +14 % episodes/s.
     """
-    # Only with the cache API this was tested on (transformers >= 5.2x, whose forward takes `cache`):
-    # older releases need cache positions passed by hand for a static cache.
-    if not getattr(model, "_can_compile_fullgraph", False) or "cache" not in inspect.signature(model.forward).parameters:
+    if not getattr(model, "_can_compile_fullgraph", False):
         return None
     from transformers import StaticCache
 

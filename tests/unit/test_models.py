@@ -137,7 +137,6 @@ def test_disable_dropout_makes_train_mode_deterministic(tokenizer_dir):
 
 
 def test_fused_gelu_replaces_gpt2s_python_gelu_with_equal_outputs(tokenizer_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
     from transformers.activations import GELUTanh, NewGELUActivation
 
     config = tiny_model_config(tokenizer_dir, activation="gelu_new")  # what gpt2 checkpoints use
