@@ -434,7 +434,42 @@ Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `peak_flops.py` meas
 
 ## Versions
 {chr(10).join(versions_text(lines))}
-"""
+{gpu_section(GPU_RESULTS)}"""
+
+
+GPU_RESULTS = common.REPO_ROOT / "benchmarks" / "gpu_results.jsonl"  # kept in git: CI machines have no GPU
+
+
+def gpu_section(path: Path) -> str:
+    """The last GPU run of benchmarks/gpu.py (the gpt2 configs), kept across CPU runs; empty without one."""
+    if not path.exists():
+        return ""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return ""
+    last_run = [row for row in rows if (row["date"], row["device"]) == (rows[-1]["date"], rows[-1]["device"])]
+    latest = {row["stage"]: row for row in last_run}  # a stage measured twice that day: its last row
+    lines = ["", "## GPU: the gpt2 configs (`benchmarks/gpu.py`, not part of `make bench`)",
+             f"Measured {rows[-1]['date']} on {rows[-1]['device']}, bf16 (`mixed_precision: auto`), torch "
+             f"{rows[-1]['versions']['torch']}: configs/{{sft,rm,ppo}}_gpt2.yaml as shipped (batch, accumulation, "
+             "rollout), a random GPT-2 of gpt2's shape (124 M parameters; the machine has no network for the hub "
+             "weights and datasets) on synthetic rows of the datasets' lengths, a few steps each. MFU = useful "
+             "FLOP/s (6·N per trained token, 22·N·L per PPO episode) ÷ the dense bf16 peak "
+             f"({rows[-1]['peak_tflops']} TFLOP/s).", "",
+             "| stage | throughput | useful TFLOP/s | MFU | steps | peak GPU memory |", "|---|---|---|---|---|---|"]
+    units = {"sft": ("real_tokens_per_s", "real tokens/s"), "rm": ("pairs_per_s", "pairs/s"),
+             "ppo": ("episodes_per_s", "episodes/s")}
+    for stage in STAGES:
+        row = latest.get(stage)
+        if row is None:
+            continue
+        key, unit = units[stage]
+        extra = (f" ({row['real_tokens_per_s']:,} tokens/s)" if stage == "rm" and row.get("real_tokens_per_s")
+                 else f" ({row['generated_tokens_per_s']:,} generated tokens/s)" if stage == "ppo" else "")
+        mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
+        lines.append(f"| {stage} | {row[key]:,} {unit}{extra} | {row['tflops']} | {mfu} | {row['steps']} | "
+                     f"{row['peak_gpu_mem_gb']} GB |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- main

@@ -605,7 +605,9 @@ class FeedbackConfig:
     eval_responses_per_prompt: int = param(4, help=(
         "responses sampled per held-out prompt; every pair of them is compared without noise, so K gives up to "
         "K(K-1)/2 held-out pairs per prompt (RM agreement with the gold labeler)"), min=2)
-    temperature: float = param(1.0, help="sampling temperature for the responses to label", min=0.0, min_exclusive=True)
+    temperature: float | None = param(None, help=(
+        "sampling temperature for the responses to label (null: ppo.sampling.temperature, so the reward model "
+        "learns to rank the responses PPO will sample)"), min=0.0, min_exclusive=True)
     max_new_tokens: int = param(48, help="response length limit when sampling", min=1)
     batch_size: int = param(64, help="prompts per sampling batch", min=1)
 

@@ -35,7 +35,7 @@ from rlhf.config import ModelConfig
 from rlhf.trainers.ppo import PPOTrainer, load_reward_function
 from rlhf.trainers.reward import RewardTrainer
 from rlhf.trainers.sft import SFTTrainer
-from rlhf.training import write_jsonl
+from rlhf.training import avoid_cudnn_attention, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -193,13 +193,16 @@ def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: 
                      max_new_tokens: int, batch_size: int, seed: int) -> list[list[str]]:
     """``num_samples`` responses per prompt from the causal LM at ``model_path`` (text without EOS)."""
     model, tokenizer = load_causal_lm(ModelConfig(name_or_path=model_path))
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        avoid_cudnn_attention()
+    model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
     responses: list[list[str]] = [[] for _ in prompt_ids]
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
-        prompts = pad_left(chunk, tokenizer.pad_token_id)
-        mask = pad_left([[1] * len(p) for p in chunk], 0)
+        prompts = pad_left(chunk, tokenizer.pad_token_id).to(device)
+        mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
         for _ in range(num_samples):
             tokens, _ = sample_with_logprobs(model, prompts, mask, max_new_tokens, temperature, 0, 1.0,
                                              tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
@@ -220,8 +223,10 @@ def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str
     feedback = config.feedback
     name = "eval_pairs.jsonl" if held_out else "comparisons.jsonl"
     path = os.path.join(round_dir, "feedback", name)
+    # null: PPO's sampling temperature, so the comparisons rank the kind of response PPO will sample.
+    temperature = feedback.temperature or config.ppo.sampling.temperature
     settings = {"feedback": to_dict(feedback), "policy": policy_path, "eval_num_prompts": config.evaluation.num_prompts,
-                "seed": config.sft.training.seed}
+                "seed": config.sft.training.seed, "temperature": temperature}
     settings_path = path + ".settings.json"
     if not force and os.path.exists(path) and os.path.exists(settings_path):
         with open(settings_path, encoding="utf-8") as handle:
@@ -235,7 +240,7 @@ def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str
     # Held-out pairs get the same seed every round, so RM accuracy is comparable across rounds.
     seed = config.sft.training.seed * 1000 + (1 if held_out else 10 * round_index)
     num_samples = feedback.eval_responses_per_prompt if held_out else feedback.responses_per_prompt
-    responses = sample_responses(policy_path, ids, num_samples, feedback.temperature, feedback.max_new_tokens,
+    responses = sample_responses(policy_path, ids, num_samples, temperature, feedback.max_new_tokens,
                                  feedback.batch_size, seed)
     labeler = load_reward_function(feedback.labeler, key="feedback.labeler")
     if held_out:

@@ -141,6 +141,17 @@ def resolve_mixed_precision(setting: str) -> str:
     return setting
 
 
+def avoid_cudnn_attention() -> None:
+    """Leave cuDNN out of scaled-dot-product attention on CUDA; torch then runs flash or its
+    memory-efficient kernel, which take any length without set-up.
+
+    Measured on an H200 (torch 2.11, the gpt2 SFT config, bf16): the cuDNN attention kernels took
+    ~60 us on the GPU but 2.7 ms of CPU per call, because each new padded batch length (and, when
+    sampling, each new token) builds a new cuDNN graph; the GPU waited on the CPU.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def build_accelerator(training: TrainingConfig, logging_config: LoggingConfig, run: RunDirectory,
                       config: Any) -> Accelerator:
     """An ``Accelerator`` (device, DDP/FSDP/DeepSpeed from ``accelerate launch``), seeded, trackers started."""
@@ -156,6 +167,8 @@ def build_accelerator(training: TrainingConfig, logging_config: LoggingConfig, r
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision),
                               log_with=trackers or None, project_dir=run.root)
     set_seed(training.seed + accelerator.process_index)  # a different stream per process (PPO-NOTES 16)
+    if accelerator.device.type == "cuda":
+        avoid_cudnn_attention()
     if trackers:
         run_name = logging_config.run_name or os.path.basename(os.path.normpath(run.root))
         accelerator.init_trackers(logging_config.project, config=flatten(to_dict(config)),
@@ -174,15 +187,32 @@ def start_run(config: Any, resume: bool) -> tuple[RunDirectory, Accelerator, str
     return run, accelerator, resume_from
 
 
-def create_optimizer(parameters, training: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norms (their scale is not a capacity knob)."""
+def fused_adamw_available(device_type: str) -> bool:
+    """Whether this torch has its fused AdamW kernel for ``device_type`` (CPU since torch 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # an older or newer torch without the helper: the default implementation is safe
+        return False
+    return device_type in _get_fused_kernels_supported_devices()
+
+
+def create_optimizer(parameters, training: TrainingConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms (their scale is not a capacity knob).
+
+    ``device_type`` is where the parameters will live after ``accelerator.prepare``. Where torch
+    has the fused kernel for it, the step is fused: the same update up to float rounding, ~4x
+    faster than torch's default on CPU, where that default is a python loop over the tensors (a
+    GPT-2 of 14 M parameters: 190 -> 49 ms per step on 2 cores). transformers' Trainer, and so
+    TRL, uses the fused kernel by default too.
+    """
     named = [(name, p) for name, p in parameters if p.requires_grad]
     decay = [p for name, p in named if p.ndim >= 2]
     no_decay = [p for name, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if fused_adamw_available(device_type) else {}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr,
-                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps)
+                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps, **fused)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
@@ -426,7 +456,7 @@ class SupervisedLoop:
         accumulation = training.gradient_accumulation_steps
         steps_per_epoch = math.ceil(self.order.micro_batches_per_epoch / accumulation)
         self.total_steps = training.max_steps or max(1, math.ceil(training.num_epochs * steps_per_epoch))
-        optimizer = create_optimizer(model.named_parameters(), training)
+        optimizer = create_optimizer(model.named_parameters(), training, accelerator.device.type)
         self.scheduler = create_scheduler(optimizer, training, self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)

@@ -314,9 +314,10 @@ class PPOTrainer:
         training, ppo = self.config.training, self.config.ppo
         accelerator = self.accelerator
         if ppo.separate_optimizers:
-            policy_optimizer = create_optimizer(self.policy.named_parameters(), training)
+            policy_optimizer = create_optimizer(self.policy.named_parameters(), training, accelerator.device.type)
             critic_training = dataclasses.replace(training, lr=ppo.critic_lr or training.lr)
-            critic_optimizer = create_optimizer(self.critic.named_parameters(), critic_training)
+            critic_optimizer = create_optimizer(self.critic.named_parameters(), critic_training,
+                                                accelerator.device.type)
             self.policy_scheduler = create_scheduler(policy_optimizer, training, total_updates)
             self.critic_scheduler = create_scheduler(critic_optimizer, critic_training, total_updates)
             (self.policy_model, self.critic_model, self.policy_optimizer,
@@ -325,7 +326,7 @@ class PPOTrainer:
         else:
             # One optimizer over both, as N+/TRL do with their policy-and-value wrapper (PPO-NOTES 27).
             named = list(self.policy.named_parameters()) + [("critic." + n, p) for n, p in self.critic.named_parameters()]
-            optimizer = create_optimizer(named, training)
+            optimizer = create_optimizer(named, training, accelerator.device.type)
             self.policy_scheduler = create_scheduler(optimizer, training, total_updates)
             self.critic_scheduler = None
             self.policy_model, self.critic_model, self.policy_optimizer = accelerator.prepare(

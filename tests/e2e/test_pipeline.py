@@ -124,3 +124,28 @@ def test_pipeline_config_error_is_one_line(tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert lines == [l for l in lines if "error" in l][-1:] and "rm.training" in lines[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_feedback_samples_at_the_ppo_temperature_unless_set_and_a_change_recollects(tmp_path, monkeypatch):
+    from rlhf import pipeline
+    from rlhf.config import PipelineConfig, load_config
+
+    temperatures = []
+
+    def fake_sample(model_path, prompt_ids, num_samples, temperature, *args):
+        temperatures.append(temperature)
+        # Different gold scores (each repeated word costs), so the labeler has preferences to give.
+        return [["The old harbor is" + " calm" * (i + 1) + "." for i in range(num_samples)] for _ in prompt_ids]
+
+    monkeypatch.setattr(pipeline, "sample_responses", fake_sample)
+    tokenizer = os.path.join(ROOT, "data", "demo", "tokenizer")
+    base = [f"feedback.prompts={ROOT}/data/demo/prompts_train.jsonl", "feedback.num_prompts=4"]
+
+    def collect(*overrides):
+        config = load_config(PipelineConfig, os.path.join(ROOT, "configs", "pipeline.yaml"), base + list(overrides))
+        return pipeline.collect_comparisons(config, tokenizer, str(tmp_path), 0)[1]
+
+    assert collect("ppo.sampling.temperature=0.9") and temperatures[-1] == 0.9
+    assert not collect("ppo.sampling.temperature=0.9")        # unchanged: the cached comparisons are reused
+    assert collect("ppo.sampling.temperature=0.6") and temperatures[-1] == 0.6  # PPO's changed: re-collected
+    assert collect("feedback.temperature=1.0") and temperatures[-1] == 1.0

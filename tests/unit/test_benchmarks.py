@@ -145,6 +145,24 @@ def test_a_stage_not_run_reads_n_a():
     assert compare.report_text(compare.summarize(lines, 1)).splitlines()[-1] == "ratios: sft=n/a rm=1.50 ppo=n/a"
 
 
+def test_gpu_section_shows_the_last_gpu_run_and_nothing_without_one(tmp_path):
+    path = tmp_path / "gpu.jsonl"
+    assert compare.gpu_section(path) == ""
+    base = {"impl": "rlhf", "variant": "gpt2-shaped", "peak_tflops": 989.4, "versions": {"torch": "2.11"},
+            "steps": 20, "peak_gpu_mem_gb": 9.5, "tflops": 100.0, "mfu": 0.101}
+    old = {**base, "stage": "sft", "device": "NVIDIA H100", "date": "2026-11-01", "real_tokens_per_s": 1}
+    rows = [old,
+            {**base, "stage": "sft", "device": "NVIDIA H200", "date": "2026-11-26", "real_tokens_per_s": 123456},
+            {**base, "stage": "ppo", "device": "NVIDIA H200", "date": "2026-11-26", "episodes_per_s": 210.5,
+             "generated_tokens_per_s": 26944, "mfu": None}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    section = compare.gpu_section(path)
+    assert "2026-11-26 on NVIDIA H200" in section and "H100" not in section
+    assert "| sft | 123,456 real tokens/s | 100.0 | 10.1% | 20 | 9.5 GB |" in section
+    assert "| ppo | 210.5 episodes/s (26,944 generated tokens/s) | 100.0 | n/a |" in section
+    assert "| rm |" not in section  # not measured in that run
+
+
 def test_non_embedding_params_from_the_safetensors_header(tmp_path):
     d, layers = 8, 2
     shapes = {"transformer.wte.weight": [100, d], "transformer.wpe.weight": [16, d],

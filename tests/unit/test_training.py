@@ -13,7 +13,9 @@ from rlhf.training import (
     MicroBatchOrder,
     RunDirectory,
     atomic_directory,
+    create_optimizer,
     evaluation_batches,
+    fused_adamw_available,
     group_by_length,
     lr_multiplier,
     truncate_jsonl,
@@ -196,3 +198,37 @@ def test_prepare_refuses_to_clobber_and_clears_stale_logs(tmp_path):
         run.prepare(config, resume=True, overwrite=False, is_main=True)
     run.prepare(config, resume=False, overwrite=True, is_main=True)
     assert not os.path.exists(run.final_dir) and os.path.isfile(run.config_path)
+
+
+def test_optimizer_uses_the_fused_kernel_where_torch_has_it_and_the_update_is_adamw():
+    import torch
+
+    from rlhf.config import TrainingConfig
+
+    training = TrainingConfig(lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    weights = {"proj.weight": torch.randn(8, 4), "proj.bias": torch.randn(8)}
+    grads = [{name: torch.randn_like(value) for name, value in weights.items()} for _ in range(3)]
+    results = {}
+    for device_type in ("cpu", "no-such-device"):
+        params = {name: torch.nn.Parameter(value.clone()) for name, value in weights.items()}
+        optimizer = create_optimizer(params.items(), training, device_type)
+        assert optimizer.defaults.get("fused") is (True if device_type == "cpu" and fused_adamw_available("cpu")
+                                                   else None)
+        for step_grads in grads:
+            for name, param in params.items():
+                param.grad = step_grads[name].clone()
+            optimizer.step()
+        results[device_type] = params
+    # The fused step is the same AdamW update (decay on the matrix only) up to float rounding.
+    reference = {name: torch.nn.Parameter(value.clone()) for name, value in weights.items()}
+    plain = torch.optim.AdamW([{"params": [reference["proj.weight"]], "weight_decay": 0.1},
+                               {"params": [reference["proj.bias"]], "weight_decay": 0.0}], lr=1e-2)
+    for step_grads in grads:
+        for name, param in reference.items():
+            param.grad = step_grads[name].clone()
+        plain.step()
+    for params in results.values():
+        for name in weights:
+            torch.testing.assert_close(params[name].detach(), reference[name].detach(), rtol=1e-6, atol=1e-7)
+            assert not torch.equal(params[name].detach(), weights[name])

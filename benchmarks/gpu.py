@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""The gpt2 configs (configs/{sft,rm,ppo}_gpt2.yaml) on one GPU: tokens/s and MFU per stage.
+
+    python benchmarks/gpu.py [--steps N] [--out benchmarks/gpu_results.jsonl] [--peak-tflops X] [--profile]
+
+Offline by design (the lent GPU machines reach no network): the model is a GPT-2 of gpt2's shape
+(12 layers, d=768, 12 heads, context 1024, vocabulary 50,257: 124 M parameters) with random
+weights, built locally, and the data are synthetic rows of the demo language with the lengths of
+the datasets those configs name (alpaca prompt/response ~250 tokens, HH conversations ~300, PPO
+prompts ~100 tokens + 128 new). Everything else is the gpt2 configs as shipped: batch sizes,
+gradient accumulation, bf16 (``mixed_precision: auto``), PPO rollout and minibatches; only the
+number of steps is cut and checkpoints, evaluation and trackers are off. Arithmetic speed does
+not depend on the weights' values, so tokens/s are those of the real checkpoint on such lengths.
+
+The chain is the pipeline's: SFT writes final/, the RM starts from it, PPO uses both. Each stage
+prints one JSON line; all are appended to ``--out``, which compare.py copies into BENCHMARKS.md.
+MFU counts 6·N useful FLOPs per trained token (N = non-embedding parameters, as the CPU table),
+and 22·N·L per PPO episode of L tokens (compare.py), over the GPU's dense bf16 peak.
+"""
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import torch
+
+from rlhf.config import PPOConfig, RewardConfig, SFTConfig, load_config
+from rlhf.demo.demonstrator import demonstrate
+from rlhf.demo.grammar import all_combos, render_prompt
+from rlhf.trainers.ppo import PPOTrainer
+from rlhf.trainers.reward import RewardTrainer
+from rlhf.trainers.sft import SFTTrainer
+
+# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by device-name fragment.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
+GPT2_SHAPE = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
+TOKENIZER = common.REPO_ROOT / "data" / "demo" / "tokenizer"
+CONFIGS = common.REPO_ROOT / "configs"
+# --smoke: the same code path at a size a CPU runs in seconds (not a measurement).
+SMOKE_OVERRIDES = {
+    "sft": ["training.batch_size=2", "training.gradient_accumulation_steps=1"],
+    "rm": ["training.batch_size=2", "training.gradient_accumulation_steps=1", "training.eval_batch_size=4",
+           "training.mixed_precision=auto"],  # bf16 in the config; one process holds one precision
+    "ppo": ["ppo.rollout_batch_size=8", "ppo.forward_batch_size=8", "ppo.num_minibatches=2", "training.batch_size=4",
+            "ppo.num_ppo_epochs=1", "sampling.max_new_tokens=8"],
+}
+
+
+def build_gpt2_shaped(directory: Path) -> int:
+    """A random GPT-2 of gpt2's shape with the demo tokenizer; returns its non-embedding parameters."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**GPT2_SHAPE, bos_token_id=tokenizer.eos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(str(directory))
+    tokenizer.model_max_length = GPT2_SHAPE["n_positions"]  # the demo tokenizer says 128, its own model's context
+    tokenizer.save_pretrained(str(directory))
+    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    return sum(p.numel() for p in model.parameters()) - embeddings
+
+
+def demo_text(rng: random.Random, min_words: int) -> tuple[str, str]:
+    """A demo prompt and a response of at least ``min_words`` words (demonstrations strung together)."""
+    subject, tone, phrasing = rng.choice(all_combos())
+    prompt = render_prompt(subject, tone, phrasing)
+    parts: list[str] = []
+    while sum(len(p.split()) for p in parts) < min_words:
+        parts.append(demonstrate(prompt, rng))
+    return prompt, " ".join(parts)
+
+
+def write_data(scratch: Path, rows: int) -> dict[str, Path]:
+    """SFT rows (~250 tokens), RM pairs (~300 per response), PPO prompts (~100 tokens)."""
+    rng = random.Random(0)
+    paths = {name: scratch / f"{name}.jsonl" for name in ("sft", "rm", "ppo")}
+    with open(paths["sft"], "w", encoding="utf-8") as handle:
+        for _ in range(rows):
+            prompt, response = demo_text(rng, rng.randint(80, 200))
+            handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    with open(paths["rm"], "w", encoding="utf-8") as handle:
+        for _ in range(rows):
+            prompt, chosen = demo_text(rng, rng.randint(100, 220))
+            _, rejected = demo_text(rng, rng.randint(100, 220))
+            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    with open(paths["ppo"], "w", encoding="utf-8") as handle:
+        for _ in range(rows):
+            prompt, context = demo_text(rng, rng.randint(40, 80))
+            handle.write(json.dumps({"prompt": context + " " + prompt}) + "\n")
+    return paths
+
+
+def peak_tflops(requested: float | None) -> tuple[float | None, str]:
+    if not torch.cuda.is_available():
+        return requested, "cpu"
+    name = torch.cuda.get_device_name(0)
+    if requested:
+        return requested, name
+    return next((peak for fragment, peak in BF16_PEAK_TFLOPS.items() if fragment in name), None), name
+
+
+def record_of(output_dir: Path) -> dict:
+    return common.training_record(output_dir)
+
+
+def steady(output_dir: Path, key: str) -> float | None:
+    """Median of ``key`` over the logged steps after the first: the rate without start-up (CUDA context,
+    kernel selection, allocator warm-up), which the whole-run figure includes."""
+    import statistics
+
+    values = [r[key] for r in common.read_jsonl(output_dir / "metrics.jsonl") if key in r]
+    return round(statistics.median(values[1:]), 1) if len(values) > 1 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of SFT and RM (PPO: steps // 5)")
+    parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "gpu_results.jsonl"))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the name)")
+    parser.add_argument("--smoke", action="store_true", help=(
+        "check the script itself on CPU: a 2-layer d=128 model with gpt2's vocabulary, 2 steps, results not kept"))
+    parser.add_argument("--profile", action="store_true", help=(
+        "run SFT under torch.profiler and print its 20 most expensive operations by CPU and by GPU time"))
+    args = parser.parse_args()
+    if args.smoke:
+        GPT2_SHAPE.update(n_layer=2, n_head=2, n_embd=128)
+        args.steps, args.out = 2, None
+    elif not torch.cuda.is_available():
+        sys.exit("error: benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); --smoke runs on CPU")
+    common.setup_logging()
+    peak, device_name = peak_tflops(args.peak_tflops)
+    cuda = torch.cuda.is_available()
+    scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-gpu-"))
+    results = []
+    try:
+        model_dir = scratch / "gpt2-shaped"
+        n_params = build_gpt2_shaped(model_dir)
+        data = write_data(scratch, rows=256 if args.smoke else 64 * args.steps)
+        quiet = ["logging.report_to=[]", "training.eval_every=null", "training.save_every=null"]
+        shrink = SMOKE_OVERRIDES if args.smoke else {"sft": [], "rm": [], "ppo": []}
+
+        def finish(stage: str, output_dir: Path, extra: dict, flops_per_s: float) -> None:
+            record = record_of(output_dir)
+            result = {"stage": stage, "impl": "rlhf", "variant": "gpt2-shaped", "device": device_name,
+                      "steps": record["step"], "wall_s": round(record["train_runtime_s"], 2), **extra,
+                      "tflops": round(flops_per_s / 1e12, 1),
+                      "mfu": round(flops_per_s / (peak * 1e12), 4) if peak else None,
+                      "peak_tflops": peak, "non_embedding_params": n_params,
+                      "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                      "versions": common.versions(), "date": time.strftime("%Y-%m-%d")}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            common.emit(result)
+            results.append(result)
+
+        sft_dir = scratch / "sft"
+        config = load_config(SFTConfig, str(CONFIGS / "sft_gpt2.yaml"), [
+            f"output_dir={sft_dir}", f"model.name_or_path={model_dir}", f"data.path={data['sft']}",
+            "data.columns={}", "data.eval_fraction=0", f"training.max_steps={args.steps}", "logging.num_samples=0",
+            *quiet, *shrink["sft"]])
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            with torch.profiler.profile(activities=activities) as profiler:
+                SFTTrainer(config).train()
+            averages = profiler.key_averages()
+            for sort_by in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
+                print(averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60), file=sys.stderr)
+        else:
+            SFTTrainer(config).train()
+        record = record_of(sft_dir)
+        tokens_per_s = record["train_tokens"] / record["train_runtime_s"]
+        finish("sft", sft_dir, {"real_tokens_per_s": round(tokens_per_s),
+                                "steady_tokens_per_s": steady(sft_dir, "tokens_per_s")}, 6 * n_params * tokens_per_s)
+
+        rm_dir = scratch / "rm"
+        config = load_config(RewardConfig, str(CONFIGS / "rm_gpt2.yaml"), [
+            f"output_dir={rm_dir}", f"model.name_or_path={sft_dir / 'final'}", f"data.path={data['rm']}",
+            "data.eval_path=null", "data.format=pairwise", "data.eval_fraction=0.02",
+            f"training.max_steps={args.steps}", "normalization.set=train", "normalization.max_samples=256",
+            "logging.num_samples=0", *quiet, *shrink["rm"]])
+        started = time.perf_counter()
+        RewardTrainer(config).train()
+        record = record_of(rm_dir)
+        pairs = record["step"] * config.training.batch_size * config.training.gradient_accumulation_steps
+        tokens_per_s = record.get("train_tokens", 0) / record["train_runtime_s"]
+        finish("rm", rm_dir, {"pairs_per_s": round(pairs / record["train_runtime_s"], 1),
+                              "real_tokens_per_s": round(tokens_per_s) if tokens_per_s else None,
+                              "steady_tokens_per_s": steady(rm_dir, "tokens_per_s"),
+                              "stage_wall_s": round(time.perf_counter() - started, 1)},
+               6 * n_params * tokens_per_s)
+
+        ppo_dir = scratch / "ppo"
+        config = load_config(PPOConfig, str(CONFIGS / "ppo_gpt2.yaml"), [
+            f"output_dir={ppo_dir}", f"policy.name_or_path={sft_dir / 'final'}",
+            f"reward.model_path={rm_dir / 'final'}", f"data.path={data['ppo']}", "data.columns={}",
+            f"training.max_steps={max(2, args.steps // 5)}", "logging.num_samples=0", *quiet, *shrink["ppo"]])
+        trainer = PPOTrainer(config)
+        trainer.train()
+        record = record_of(ppo_dir)
+        episodes = record["train_episodes"]
+        prompt_tokens = sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids)
+        new_tokens = record["train_generated_tokens"] / episodes
+        from compare import ppo_flops_per_episode
+
+        episodes_per_s = episodes / record["train_runtime_s"]
+        finish("ppo", ppo_dir, {"episodes_per_s": round(episodes_per_s, 2),
+                                "steady_episodes_per_s": steady(ppo_dir, "episodes_per_s"),
+                                "generated_tokens_per_s": round(record["train_generated_tokens"] / record["train_runtime_s"]),
+                                "prompt_tokens_per_episode": round(prompt_tokens, 1),
+                                "new_tokens_per_episode": round(new_tokens, 1)},
+               ppo_flops_per_episode(n_params, prompt_tokens, new_tokens) * episodes_per_s)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.out is None:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as handle:
+        for result in results:
+            handle.write(json.dumps(result, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
