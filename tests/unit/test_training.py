@@ -232,3 +232,20 @@ def test_optimizer_uses_the_fused_kernel_where_torch_has_it_and_the_update_is_ad
         for name in weights:
             torch.testing.assert_close(params[name].detach(), reference[name].detach(), rtol=1e-6, atol=1e-7)
             assert not torch.equal(params[name].detach(), weights[name])
+
+
+def test_cudnn_attention_is_switched_off_only_for_cuda(tmp_path):
+    import torch
+
+    from rlhf.config import LoggingConfig, TrainingConfig
+    from rlhf.training import avoid_cudnn_attention, build_accelerator
+
+    was_enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        accelerator = build_accelerator(TrainingConfig(), LoggingConfig(), RunDirectory(str(tmp_path)), None)
+        assert accelerator.device.type == "cpu" and torch.backends.cuda.cudnn_sdp_enabled()  # CPU: left alone
+        avoid_cudnn_attention()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was_enabled)
