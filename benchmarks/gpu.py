@@ -29,6 +29,7 @@ from pathlib import Path
 
 import common
 import torch
+from compare import ppo_flops_per_episode
 
 from rlhf.config import PPOConfig, RewardConfig, SFTConfig, load_config
 from rlhf.demo.demonstrator import demonstrate
@@ -77,8 +78,15 @@ def demo_text(rng: random.Random, min_words: int) -> tuple[str, str]:
     return prompt, " ".join(parts)
 
 
+def prompt_with_context(rng: random.Random, min_words: int) -> str:
+    """A demo request after ``min_words`` or more words of context: long, and (almost surely) unique, so an RM
+    prompt carries one pair as an HH conversation does (rows sharing a prompt are grouped into one example)."""
+    prompt, context = demo_text(rng, min_words)
+    return context + " " + prompt
+
+
 def write_data(scratch: Path, rows: int) -> dict[str, Path]:
-    """SFT rows (~250 tokens), RM pairs (~300 per response), PPO prompts (~100 tokens)."""
+    """SFT rows (~250 tokens), RM pairs (~300 per response, one per prompt), PPO prompts (~100 tokens)."""
     rng = random.Random(0)
     paths = {name: scratch / f"{name}.jsonl" for name in ("sft", "rm", "ppo")}
     with open(paths["sft"], "w", encoding="utf-8") as handle:
@@ -87,13 +95,12 @@ def write_data(scratch: Path, rows: int) -> dict[str, Path]:
             handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
     with open(paths["rm"], "w", encoding="utf-8") as handle:
         for _ in range(rows):
-            prompt, chosen = demo_text(rng, rng.randint(100, 220))
-            _, rejected = demo_text(rng, rng.randint(100, 220))
+            prompt = prompt_with_context(rng, rng.randint(20, 40))
+            chosen, rejected = (demo_text(rng, rng.randint(100, 220))[1] for _ in range(2))
             handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     with open(paths["ppo"], "w", encoding="utf-8") as handle:
         for _ in range(rows):
-            prompt, context = demo_text(rng, rng.randint(40, 80))
-            handle.write(json.dumps({"prompt": context + " " + prompt}) + "\n")
+            handle.write(json.dumps({"prompt": prompt_with_context(rng, rng.randint(40, 80))}) + "\n")
     return paths
 
 
@@ -104,10 +111,6 @@ def peak_tflops(requested: float | None) -> tuple[float | None, str]:
     if requested:
         return requested, name
     return next((peak for fragment, peak in BF16_PEAK_TFLOPS.items() if fragment in name), None), name
-
-
-def record_of(output_dir: Path) -> dict:
-    return common.training_record(output_dir)
 
 
 def steady(output_dir: Path, key: str) -> float | None:
@@ -146,8 +149,7 @@ def main() -> None:
         quiet = ["logging.report_to=[]", "training.eval_every=null", "training.save_every=null"]
         shrink = SMOKE_OVERRIDES if args.smoke else {"sft": [], "rm": [], "ppo": []}
 
-        def finish(stage: str, output_dir: Path, extra: dict, flops_per_s: float) -> None:
-            record = record_of(output_dir)
+        def finish(stage: str, record: dict, extra: dict, flops_per_s: float) -> None:
             result = {"stage": stage, "impl": "rlhf", "variant": "gpt2-shaped", "device": device_name,
                       "steps": record["step"], "wall_s": round(record["train_runtime_s"], 2), **extra,
                       "tflops": round(flops_per_s / 1e12, 1),
@@ -174,9 +176,9 @@ def main() -> None:
                 print(averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60), file=sys.stderr)
         else:
             SFTTrainer(config).train()
-        record = record_of(sft_dir)
+        record = common.training_record(sft_dir)
         tokens_per_s = record["train_tokens"] / record["train_runtime_s"]
-        finish("sft", sft_dir, {"real_tokens_per_s": round(tokens_per_s),
+        finish("sft", record, {"real_tokens_per_s": round(tokens_per_s),
                                 "steady_tokens_per_s": steady(sft_dir, "tokens_per_s")}, 6 * n_params * tokens_per_s)
 
         rm_dir = scratch / "rm"
@@ -187,10 +189,11 @@ def main() -> None:
             "logging.num_samples=0", *quiet, *shrink["rm"]])
         started = time.perf_counter()
         RewardTrainer(config).train()
-        record = record_of(rm_dir)
+        record = common.training_record(rm_dir)
+        # Units of the RM loop are prompts; with one pair per prompt (prompt_with_context) they are pairs.
         pairs = record["step"] * config.training.batch_size * config.training.gradient_accumulation_steps
         tokens_per_s = record.get("train_tokens", 0) / record["train_runtime_s"]
-        finish("rm", rm_dir, {"pairs_per_s": round(pairs / record["train_runtime_s"], 1),
+        finish("rm", record, {"pairs_per_s": round(pairs / record["train_runtime_s"], 1),
                               "real_tokens_per_s": round(tokens_per_s) if tokens_per_s else None,
                               "steady_tokens_per_s": steady(rm_dir, "tokens_per_s"),
                               "stage_wall_s": round(time.perf_counter() - started, 1)},
@@ -203,14 +206,12 @@ def main() -> None:
             f"training.max_steps={max(2, args.steps // 5)}", "logging.num_samples=0", *quiet, *shrink["ppo"]])
         trainer = PPOTrainer(config)
         trainer.train()
-        record = record_of(ppo_dir)
+        record = common.training_record(ppo_dir)
         episodes = record["train_episodes"]
         prompt_tokens = sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids)
         new_tokens = record["train_generated_tokens"] / episodes
-        from compare import ppo_flops_per_episode
-
         episodes_per_s = episodes / record["train_runtime_s"]
-        finish("ppo", ppo_dir, {"episodes_per_s": round(episodes_per_s, 2),
+        finish("ppo", record, {"episodes_per_s": round(episodes_per_s, 2),
                                 "steady_episodes_per_s": steady(ppo_dir, "episodes_per_s"),
                                 "generated_tokens_per_s": round(record["train_generated_tokens"] / record["train_runtime_s"]),
                                 "prompt_tokens_per_episode": round(prompt_tokens, 1),

@@ -194,8 +194,7 @@ def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: 
     """``num_samples`` responses per prompt from the causal LM at ``model_path`` (text without EOS)."""
     model, tokenizer = load_causal_lm(ModelConfig(name_or_path=model_path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        avoid_cudnn_attention()
+    avoid_cudnn_attention(device)
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     responses: list[list[str]] = [[] for _ in prompt_ids]

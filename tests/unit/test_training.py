@@ -245,7 +245,9 @@ def test_cudnn_attention_is_switched_off_only_for_cuda(tmp_path):
         torch.backends.cuda.enable_cudnn_sdp(True)
         accelerator = build_accelerator(TrainingConfig(), LoggingConfig(), RunDirectory(str(tmp_path)), None)
         assert accelerator.device.type == "cpu" and torch.backends.cuda.cudnn_sdp_enabled()  # CPU: left alone
-        avoid_cudnn_attention()
+        avoid_cudnn_attention(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention(torch.device("cuda"))  # only reads the type: no GPU needed
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was_enabled)
