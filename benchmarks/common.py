@@ -298,9 +298,14 @@ def workload_data(root: Path, scratch: Path, name: str, fields: tuple[str, ...],
     return target
 
 
-def run_fields(manifest: dict, cpu: dict, threads: int) -> dict:
-    """The fields every stage's result line ends with: memory, CPU contamination, threads, versions, workload."""
+def run_fields(manifest: dict, cpu: dict, threads: int, training) -> dict:
+    """The fields every stage's result line ends with: optimizer, memory, CPU contamination, threads,
+    versions, workload. ``optim`` uses transformers' names, as the TRL anchors report theirs."""
+    from rlhf.training import fused_adamw_available
+
+    fused = training.fused_optimizer and fused_adamw_available("cpu")
     return {
+        "optim": "adamw_torch_fused" if fused else "adamw_torch",
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "cpu": cpu,
         "threads": threads,

@@ -397,7 +397,10 @@ The shared workload of `../shared/bench` (WORKLOAD.md, checked against its MANIF
 every run): GPT-2 6 layers × 384, random init; SFT 512 rows, batch 8, max length 256; RM 256
 pairs, batch 8 pairs; PPO 128 episodes of 32 prompt + 32 sampled tokens (temperature 0.7),
 rollout 16, 2 minibatches of 8, 1 PPO epoch, policy + reference + reward + value model. AdamW lr
-5e-5 constant, clip 1.0, seed 0, 1 epoch, no evaluation or saving. The 2x-length variant doubles
+5e-5 constant, clip 1.0, seed 0, 1 epoch, no evaluation or saving. The optimizer implementation is
+the anchor's: torch's default AdamW for SFT and RM (WORKLOAD.md; the TRL anchors pass
+`optim=adamw_torch`), the fused kernel for PPO, which TRL's PPO anchor runs (it sets no `optim`, so
+transformers' default `adamw_torch_fused`); every JSON line records its `optim`. The 2x-length variant doubles
 every text (`text + " " + text`; PPO prompts doubled and 64 new tokens) at max length 512.
 
 Throughput is real (non-pad) tokens/s for SFT, pairs/s for RM, episodes/s for PPO (the

@@ -102,7 +102,7 @@ def main() -> None:
             "logprobs_from_generation": getattr(trainer, "logprobs_from_generation", config.ppo.logprobs_from_generation),
             "final_loss": round(record["policy_loss"], 4),
             "final_value_loss": round(record["value_loss"], 4),
-            **common.run_fields(manifest, cpu, THREADS),
+            **common.run_fields(manifest, cpu, THREADS, config.training),
         })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

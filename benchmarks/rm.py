@@ -70,7 +70,7 @@ def main() -> None:
             "group_by_length": config.training.group_by_length,
             "final_loss": round(record["loss"], 4),
             "max_length": config.data.max_length,
-            **common.run_fields(manifest, cpu, THREADS),
+            **common.run_fields(manifest, cpu, THREADS, config.training),
         })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -64,7 +64,7 @@ def main() -> None:
             "final_loss": round(record["loss"], 4),
             "max_length": config.data.max_length,
             "group_by_length": config.training.group_by_length,
-            **common.run_fields(manifest, cpu, THREADS),
+            **common.run_fields(manifest, cpu, THREADS, config.training),
         })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

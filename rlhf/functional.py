@@ -41,6 +41,7 @@ __all__ = [
     "clipped_value_loss",
     "explained_variance",
     "pairwise_ranking_loss",
+    "reward_centering_penalty",
     "ranking_to_pairs",
     "pairwise_accuracy",
     "adaptive_kl_coef",
@@ -570,6 +571,40 @@ def pairwise_ranking_loss(
     # Weight 1/(num_groups · |group|) per pair = mean over groups of the in-group mean.
     weights = 1.0 / (pairs_per_group[group_index].to(per_pair.dtype) * num_groups)
     return (weights * per_pair).sum()
+
+
+def reward_centering_penalty(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over prompts of the square of the prompt's mean reward (Eisenstein et al. 2023).
+
+    The ranking loss only sees differences within a prompt, so each prompt's reward level is
+    left to chance: nothing in the loss stops the model from adding a different constant per
+    prompt. PPO then sees that constant as reward, and with few samples per prompt it is noise
+    in the advantages that the critic has to learn away. This auxiliary term pulls every
+    prompt's mean reward towards 0 and leaves the differences, which the ranking loss fixes,
+    alone. A prompt's mean is taken over its pairs' midpoints (r_c + r_r)/2; with all
+    K(K−1)/2 pairs of a ranking every response appears K−1 times, so that is the mean over the
+    K responses. TRL's ``center_rewards_coefficient`` adds mean((r_c + r_r)²) over pairs,
+    which for one pair per prompt is 4× this term.
+
+    Args:
+        chosen_rewards, rejected_rewards: (P,) scores of each pair's responses.
+        group_ids: optional (P,) id of each pair's prompt; without it every pair is its own prompt.
+
+    Returns:
+        Scalar loss, float32 (float64 for float64 inputs).
+    """
+    midpoints = (_upcast(chosen_rewards) + _upcast(rejected_rewards)) / 2
+    if group_ids is None:
+        return midpoints.square().mean()
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(group_index.max()) + 1
+    sums = torch.zeros(num_groups, dtype=midpoints.dtype, device=midpoints.device).index_add(0, group_index, midpoints)
+    counts = torch.bincount(group_index, minlength=num_groups).to(midpoints.dtype)
+    return (sums / counts).square().mean()
 
 
 def ranking_to_pairs(num_responses: int, ranking: Sequence[int]) -> list[tuple[int, int]]:

@@ -200,17 +200,17 @@ def create_optimizer(parameters, training: TrainingConfig, device_type: str = "c
     """AdamW; no weight decay on biases and norms (their scale is not a capacity knob).
 
     ``device_type`` is where the parameters will live after ``accelerator.prepare``. Where torch
-    has the fused kernel for it, the step is fused: the same update up to float rounding, ~4x
-    faster than torch's default on CPU, where that default is a python loop over the tensors (a
-    GPT-2 of 14 M parameters: 190 -> 49 ms per step on 2 cores). transformers' Trainer, and so
-    TRL, uses the fused kernel by default too.
+    has the fused kernel for it (and ``training.fused_optimizer`` is on), the step is fused: the
+    same update up to float rounding, ~4x faster than torch's default on CPU, where that default
+    is a python loop over the tensors (a GPT-2 of 14 M parameters: 190 -> 49 ms per step on 2
+    cores). transformers' Trainer defaults to the fused kernel too (``adamw_torch_fused``).
     """
     named = [(name, p) for name, p in parameters if p.requires_grad]
     decay = [p for name, p in named if p.ndim >= 2]
     no_decay = [p for name, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"fused": True} if fused_adamw_available(device_type) else {}
+    fused = {"fused": True} if training.fused_optimizer and fused_adamw_available(device_type) else {}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr,
                              betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps, **fused)
 

@@ -23,7 +23,7 @@ import torch
 
 from rlhf.config import RewardConfig
 from rlhf.errors import UserError
-from rlhf.functional import last_valid_index, pairwise_accuracy, pairwise_ranking_loss
+from rlhf.functional import last_valid_index, pairwise_accuracy, pairwise_ranking_loss, reward_centering_penalty
 from rlhf.models import (
     ScalarHeadModel,
     adopt_model,
@@ -82,14 +82,18 @@ def log_held_out(metrics_path: str) -> None:
 class RewardObjective:
     """Pairwise ranking loss summed over prompts; units = prompts, so a step's loss is a mean over prompts.
 
-    Reported: ``loss``; ``accuracy``, the share of pairs with r_c > r_r strictly; ``margin``, the
-    mean r_c − r_r; ``reward/chosen_mean|std`` and ``reward/rejected_mean|std`` over the pairs.
-    All raw (unnormalised) rewards.
+    With ``center_rewards_coef`` > 0 the optimised loss adds that times the centering penalty
+    (``reward_centering_penalty``), reported as ``centering``.
+
+    Reported: ``loss`` (the ranking loss alone); ``accuracy``, the share of pairs with r_c > r_r
+    strictly; ``margin``, the mean r_c − r_r; ``reward/chosen_mean|std`` and
+    ``reward/rejected_mean|std`` over the pairs. All raw (unnormalised) rewards.
     """
 
-    def __init__(self, pad_token_id: int, share_prompt: bool = False):
+    def __init__(self, pad_token_id: int, share_prompt: bool = False, center_rewards_coef: float = 0.0):
         self.pad_token_id = pad_token_id
         self.share_prompt = share_prompt
+        self.center_rewards_coef = center_rewards_coef
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_preferences(examples, self.pad_token_id, self.share_prompt)
@@ -107,12 +111,19 @@ class RewardObjective:
         num_prompts = batch["pairs_per_prompt"].numel()
         # pairwise_ranking_loss with group_ids is the mean over prompts of each prompt's mean
         # pair loss; × num_prompts makes it a sum, which the loop divides by the step's prompts.
-        loss_sum = num_prompts * pairwise_ranking_loss(chosen_rewards, rejected_rewards, margin=batch["margins"],
-                                                       group_ids=batch["group_ids"])
+        ranking_loss = pairwise_ranking_loss(chosen_rewards, rejected_rewards, margin=batch["margins"],
+                                             group_ids=batch["group_ids"])
+        loss_sum = num_prompts * ranking_loss
+        stats = {}
+        if self.center_rewards_coef:
+            # Reported apart from "loss", which stays the ranking loss whatever the coefficient.
+            centering = reward_centering_penalty(chosen_rewards, rejected_rewards, group_ids=batch["group_ids"])
+            loss_sum = loss_sum + num_prompts * self.center_rewards_coef * centering
+            stats["centering"] = num_prompts * centering.item()
         chosen, rejected = chosen_rewards.detach().double(), rejected_rewards.detach().double()
         num_pairs = chosen.numel()
-        stats = {
-            "loss": loss_sum.item(),
+        stats |= {
+            "loss": num_prompts * ranking_loss.item(),
             "pairs": float(num_pairs),
             "correct": pairwise_accuracy(chosen, rejected).item() * num_pairs,
             "margin": (chosen - rejected).sum().item(),
@@ -126,6 +137,8 @@ class RewardObjective:
         if units == 0 or pairs == 0:
             return {}
         metrics = {"loss": sums["loss"] / units, "accuracy": sums["correct"] / pairs, "margin": sums["margin"] / pairs}
+        if "centering" in sums:
+            metrics["centering"] = sums["centering"] / units
         for side in ("chosen", "rejected"):
             mean = sums[f"{side}_sum"] / pairs
             metrics[f"reward/{side}_mean"] = mean
@@ -172,7 +185,8 @@ class RewardTrainer:
         reference = self.normalization_sequences(train_examples, eval_examples, max_length)  # fail before training
 
         loop = SupervisedLoop(accelerator=accelerator, model=self.model,
-                              objective=RewardObjective(self.tokenizer.pad_token_id, config.prefix_sharing),
+                              objective=RewardObjective(self.tokenizer.pad_token_id, config.prefix_sharing,
+                                                        config.center_rewards_coef),
                               train_examples=train_examples, eval_examples=eval_examples,
                               training=config.training, run=run, progress_desc="rm")
         train_pairs = sum(len(e["pairs"]) for e in train_examples)

@@ -127,6 +127,30 @@ def test_objective_weighs_prompts_not_pairs(tiny_model):
     assert (first + second).item() / 2 == pytest.approx(units_loss, abs=1e-6)
 
 
+def test_centering_adds_the_weighted_squared_prompt_mean_and_reports_it(tiny_model):
+    model, tokenizer = tiny_model
+    ranked = examples_of([{"prompt": "Rank these.\n", "responses": ["the cat", "a dog is big", "sun"],
+                           "ranking": [1, 0, 2]}], tokenizer)
+    paired = examples_of([{"prompt": "Pick one.\n", "chosen": "the red bird", "rejected": "moon"}], tokenizer)
+    plain, centred = RewardObjective(tokenizer.pad_token_id), RewardObjective(tokenizer.pad_token_id,
+                                                                              center_rewards_coef=0.5)
+    batch = plain.collate(ranked + paired)
+    with torch.no_grad():
+        plain_sum, plain_stats = plain.loss_sum(model, batch)
+        centred_sum, centred_stats = centred.loss_sum(model, batch)
+        alone = [model.raw_score(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item()
+                 for s in ranked[0]["sequences"] + paired[0]["sequences"]]
+    # Oracle: prompt 1's mean over its 3 responses, prompt 2's over its 2; the penalty is the mean square.
+    means = [sum(alone[:3]) / 3, (alone[3] + alone[4]) / 2]
+    penalty = (means[0] ** 2 + means[1] ** 2) / 2
+    assert centred_sum.item() / 2 == pytest.approx(plain_sum.item() / 2 + 0.5 * penalty, abs=1e-5)
+    # "loss" stays the ranking loss; the penalty is reported apart.
+    metrics = centred.summarize(centred_stats, 2)
+    assert metrics["loss"] == pytest.approx(plain.summarize(plain_stats, 2)["loss"], abs=1e-6)
+    assert metrics["centering"] == pytest.approx(penalty, abs=1e-5)
+    assert "centering" not in plain.summarize(plain_stats, 2)
+
+
 def test_equal_scores_give_log2_and_margin_shifts_the_pair(tiny_model):
     model, tokenizer = tiny_model
     # The same response text twice under different prompts is fine; identical *pairs* are dropped,
@@ -206,6 +230,31 @@ def test_tiny_rm_learns_a_separable_preference(trained_rm):
     assert any("normalization/mean" in m for m in metrics)
     samples = [json.loads(line) for line in open(os.path.join(config.output_dir, "samples.jsonl"), encoding="utf-8")]
     assert samples and samples[0]["chosen_reward"] > samples[0]["rejected_reward"]
+
+
+def test_centering_coefficient_pulls_each_prompts_reward_level_to_zero(tokenizer_dir, tmp_path):
+    # The ranking loss leaves each prompt's level free; the auxiliary term should shrink the
+    # prompts' mean raw rewards without costing the ranking (the same run with coefficient 0 as control).
+    rows = preference_rows(96, seed=1)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    levels, accuracies = {}, {}
+    for coef in (0.0, 1.0):
+        config = tiny_rm_config(tokenizer_dir, train, None, str(tmp_path / f"run-{coef}"),
+                                normalization=NormalizationConfig(set="none"))
+        config.data.eval_fraction = 0.0
+        config.center_rewards_coef = coef
+        final_dir = RewardTrainer(config).train()
+        model, tokenizer = load_reward_model(final_dir)
+        with torch.no_grad():
+            chosen = torch.tensor(score_texts(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows]))
+            rejected = torch.tensor(score_texts(model, tokenizer, [r["prompt"] for r in rows],
+                                                [r["rejected"] for r in rows]))
+        levels[coef] = ((chosen + rejected) / 2).square().mean().item()
+        accuracies[coef] = (chosen > rejected).float().mean().item()
+        logged = [m for m in read_metrics(config.output_dir) if "loss" in m]
+        assert ("centering" in logged[-1]) == (coef > 0)
+    assert accuracies[1.0] >= 0.9 and accuracies[0.0] >= 0.9
+    assert levels[1.0] < 0.1 * levels[0.0]
 
 
 def test_reward_is_centred_and_scaled_on_the_normalisation_set(trained_rm, tokenizer_dir):

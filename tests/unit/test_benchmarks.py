@@ -145,6 +145,21 @@ def test_a_stage_not_run_reads_n_a():
     assert compare.report_text(compare.summarize(lines, 1)).splitlines()[-1] == "ratios: sft=n/a rm=1.50 ppo=n/a"
 
 
+def test_each_stage_runs_the_optimizer_its_anchor_runs():
+    # SFT and RM: torch's default AdamW, as WORKLOAD.md and the TRL anchors (optim=adamw_torch);
+    # PPO: the fused kernel, which TRL's PPO anchor gets from transformers' default.
+    from rlhf.config import PPOConfig, RewardConfig, SFTConfig, from_dict, read_yaml
+    from rlhf.training import fused_adamw_available
+
+    configs = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+    manifest = {"files": {"model/model.safetensors": {"sha256": "0" * 64}}}
+    fused_name = "adamw_torch_fused" if fused_adamw_available("cpu") else "adamw_torch"
+    for stage, expected in (("sft", "adamw_torch"), ("rm", "adamw_torch"), ("ppo", fused_name)):
+        path = str(bench_common.CONFIG_DIR / f"{stage}.yaml")  # paths are filled in by the scripts: no validate()
+        config = from_dict(configs[stage], read_yaml(path), source=path)
+        assert bench_common.run_fields(manifest, {}, 2, config.training)["optim"] == expected, stage
+
+
 def test_gpu_section_shows_the_last_gpu_run_and_nothing_without_one(tmp_path):
     path = tmp_path / "gpu.jsonl"
     assert compare.gpu_section(path) == ""

@@ -30,6 +30,7 @@ from rlhf.functional import (
     masked_whiten,
     pairwise_accuracy,
     pairwise_ranking_loss,
+    reward_centering_penalty,
     per_token_rewards,
     ranking_to_pairs,
     truncate_after_eos,
@@ -672,6 +673,39 @@ def test_pairwise_loss_k2_group_reduces_to_plain_loss():
         pairwise_ranking_loss(chosen, rejected, group_ids=torch.arange(6)),
         pairwise_ranking_loss(chosen, rejected),
     )
+
+
+def test_centering_penalty_hand_values():
+    # Without groups each pair is a prompt: midpoints (1 + −1)/2 = 0 and (3 + 1)/2 = 2 → (0 + 4)/2 = 2
+    chosen, rejected = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 1.0])
+    close(reward_centering_penalty(chosen, rejected), 2.0)
+    # One prompt: its mean midpoint is 1 → 1
+    close(reward_centering_penalty(chosen, rejected, group_ids=torch.tensor([5, 5])), 1.0)
+
+
+def test_centering_penalty_of_a_full_ranking_is_the_squared_mean_reward():
+    # Prompt 7: rewards (2, 0, −1) ranked best first, all 3 pairs: midpoints 1, 0.5, −0.5, mean 1/3
+    # = the mean of the three rewards. Prompt 3: one pair (4, 2), mean 3. Penalty (1/9 + 9)/2 = 4.555556
+    scores = torch.tensor([2.0, 0.0, -1.0], requires_grad=True)
+    better, worse = zip(*ranking_to_pairs(3, [0, 1, 2]))
+    chosen = torch.cat([scores[list(better)], torch.tensor([4.0])])
+    rejected = torch.cat([scores[list(worse)], torch.tensor([2.0])])
+    group_ids = torch.tensor([7, 7, 7, 3])
+    penalty = reward_centering_penalty(chosen, rejected, group_ids=group_ids)
+    close(penalty, (1 / 9 + 9) / 2)
+    # ∂/∂r_i = (1/2 prompts) · 2 · mean · (1/3 responses) = mean/3 = 1/9 for every response of prompt 7
+    penalty.backward()
+    close(scores.grad, [1 / 9, 1 / 9, 1 / 9])
+
+
+def test_centering_penalty_ignores_differences_within_a_prompt():
+    # Spreading a prompt's rewards around the same mean leaves the penalty alone; shifting them does not.
+    group_ids = torch.tensor([0, 0, 1])
+    base = reward_centering_penalty(torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.0, -1.0, 0.5]), group_ids)
+    spread = reward_centering_penalty(torch.tensor([3.0, 4.0, 0.5]), torch.tensor([-2.0, -3.0, 0.5]), group_ids)
+    close(spread, base)
+    shifted = reward_centering_penalty(torch.tensor([2.0, 3.0, 0.5]), torch.tensor([1.0, 0.0, 0.5]), group_ids)
+    assert shifted.item() > base.item() + 0.5
 
 
 def test_ranking_to_pairs():

@@ -200,7 +200,7 @@ def test_prepare_refuses_to_clobber_and_clears_stale_logs(tmp_path):
     assert not os.path.exists(run.final_dir) and os.path.isfile(run.config_path)
 
 
-def test_optimizer_uses_the_fused_kernel_where_torch_has_it_and_the_update_is_adamw():
+def test_optimizer_uses_the_fused_kernel_where_torch_has_it_unless_switched_off_and_the_update_is_adamw():
     import torch
 
     from rlhf.config import TrainingConfig
@@ -209,17 +209,19 @@ def test_optimizer_uses_the_fused_kernel_where_torch_has_it_and_the_update_is_ad
     torch.manual_seed(0)
     weights = {"proj.weight": torch.randn(8, 4), "proj.bias": torch.randn(8)}
     grads = [{name: torch.randn_like(value) for name, value in weights.items()} for _ in range(3)]
+    unfused = TrainingConfig(lr=1e-2, weight_decay=0.1, fused_optimizer=False)
     results = {}
-    for device_type in ("cpu", "no-such-device"):
+    for label, device_type, config in (("cpu", "cpu", training), ("unknown", "no-such-device", training),
+                                       ("switched off", "cpu", unfused)):
         params = {name: torch.nn.Parameter(value.clone()) for name, value in weights.items()}
-        optimizer = create_optimizer(params.items(), training, device_type)
-        assert optimizer.defaults.get("fused") is (True if device_type == "cpu" and fused_adamw_available("cpu")
+        optimizer = create_optimizer(params.items(), config, device_type)
+        assert optimizer.defaults.get("fused") is (True if label == "cpu" and fused_adamw_available("cpu")
                                                    else None)
         for step_grads in grads:
             for name, param in params.items():
                 param.grad = step_grads[name].clone()
             optimizer.step()
-        results[device_type] = params
+        results[label] = params
     # The fused step is the same AdamW update (decay on the matrix only) up to float rounding.
     reference = {name: torch.nn.Parameter(value.clone()) for name, value in weights.items()}
     plain = torch.optim.AdamW([{"params": [reference["proj.weight"]], "weight_decay": 0.1},
