@@ -301,11 +301,10 @@ def workload_data(root: Path, scratch: Path, name: str, fields: tuple[str, ...],
 def run_fields(manifest: dict, cpu: dict, threads: int, training) -> dict:
     """The fields every stage's result line ends with: optimizer, memory, CPU contamination, threads,
     versions, workload. ``optim`` uses transformers' names, as the TRL anchors report theirs."""
-    from rlhf.training import fused_adamw_available
+    from rlhf.training import uses_fused_adamw
 
-    fused = training.fused_optimizer and fused_adamw_available("cpu")
     return {
-        "optim": "adamw_torch_fused" if fused else "adamw_torch",
+        "optim": "adamw_torch_fused" if uses_fused_adamw(training, "cpu") else "adamw_torch",
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "cpu": cpu,
         "threads": threads,

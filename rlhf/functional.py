@@ -536,6 +536,12 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # --------------------------------------------------------------------------------------
 
 
+def _group_index_and_sizes(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P,) dense group index 0..G-1 of each pair (ids may be any values) and (G,) pairs per group."""
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    return group_index, torch.bincount(group_index)
+
+
 def pairwise_ranking_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -565,8 +571,7 @@ def pairwise_ranking_loss(
     per_pair = -F.logsigmoid(logits)
     if group_ids is None:
         return per_pair.mean()
-    _, group_index = torch.unique(group_ids, return_inverse=True)
-    pairs_per_group = torch.bincount(group_index)
+    group_index, pairs_per_group = _group_index_and_sizes(group_ids)
     num_groups = pairs_per_group.numel()
     # Weight 1/(num_groups · |group|) per pair = mean over groups of the in-group mean.
     weights = 1.0 / (pairs_per_group[group_index].to(per_pair.dtype) * num_groups)
@@ -600,11 +605,10 @@ def reward_centering_penalty(
     midpoints = (_upcast(chosen_rewards) + _upcast(rejected_rewards)) / 2
     if group_ids is None:
         return midpoints.square().mean()
-    _, group_index = torch.unique(group_ids, return_inverse=True)
-    num_groups = int(group_index.max()) + 1
-    sums = torch.zeros(num_groups, dtype=midpoints.dtype, device=midpoints.device).index_add(0, group_index, midpoints)
-    counts = torch.bincount(group_index, minlength=num_groups).to(midpoints.dtype)
-    return (sums / counts).square().mean()
+    group_index, pairs_per_group = _group_index_and_sizes(group_ids)
+    sums = torch.zeros(pairs_per_group.numel(), dtype=midpoints.dtype, device=midpoints.device)
+    sums.index_add_(0, group_index, midpoints)
+    return (sums / pairs_per_group.to(midpoints.dtype)).square().mean()
 
 
 def ranking_to_pairs(num_responses: int, ranking: Sequence[int]) -> list[tuple[int, int]]:

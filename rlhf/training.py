@@ -196,6 +196,11 @@ def fused_adamw_available(device_type: str) -> bool:
     return device_type in _get_fused_kernels_supported_devices()
 
 
+def uses_fused_adamw(training: TrainingConfig, device_type: str) -> bool:
+    """Whether ``create_optimizer`` builds the fused AdamW for parameters on ``device_type``."""
+    return training.fused_optimizer and fused_adamw_available(device_type)
+
+
 def create_optimizer(parameters, training: TrainingConfig, device_type: str = "cpu") -> torch.optim.AdamW:
     """AdamW; no weight decay on biases and norms (their scale is not a capacity knob).
 
@@ -210,7 +215,7 @@ def create_optimizer(parameters, training: TrainingConfig, device_type: str = "c
     no_decay = [p for name, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": training.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"fused": True} if training.fused_optimizer and fused_adamw_available(device_type) else {}
+    fused = {"fused": True} if uses_fused_adamw(training, device_type) else {}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr,
                              betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps, **fused)
 
