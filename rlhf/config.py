@@ -209,7 +209,11 @@ class RewardConfig:
     output_dir: str = param("runs/rm", help="run directory (config.yaml, metrics.jsonl, checkpoints/, final/)")
     overwrite: bool = param(False, help="replace a finished or started run in output_dir instead of refusing")
     model: ModelConfig = param(default_factory=lambda: ModelConfig(name_or_path="runs/sft/final"),
-                               help="backbone to start from (default: the SFT stage's final/); the scalar head is new")
+                               help="backbone to start from (default: the SFT stage's final/); the scalar head is new "
+                               "unless head_init is keep")
+    head_init: Literal["normal", "keep"] = param("normal", help=(
+        "normal: a new scalar head, N(0, 1/sqrt(d+1)) (PPO-NOTES 3); keep: the trained head of model.name_or_path, "
+        "which must then be a reward model (a one-label sequence-classification checkpoint): continue training it"))
     data: PreferenceDataConfig = param(default_factory=PreferenceDataConfig, help="comparisons")
     training: TrainingConfig = param(default_factory=TrainingConfig, help=(
         "optimisation; batch_size counts prompts (each with all its responses and pairs), and "
@@ -231,6 +235,8 @@ class RewardConfig:
         problems = collect_field_problems(self)
         if not model_given:
             problems += model_problems(self.model, "model")
+            if self.head_init == "keep" and self.model.from_config is not None:
+                problems.append("head_init: keep needs a trained reward model in model.name_or_path, not from_config")
         if not self.data.path and not data_given:
             problems.append("data.path: required; give a hub dataset name or a local preference data file")
         for ours in self.data.columns:
@@ -625,8 +631,23 @@ class EvaluationConfig:
 
     gold: str | None = param("rlhf.demo.gold:gold_reward", help="'module:function' gold scorer (null: skip gold metrics)")
     num_prompts: int = param(160, help="held-out prompts evaluated", min=1)
+    samples_per_prompt: int = param(1, help=(
+        "responses sampled per prompt and policy; more give a more precise mean (its standard error is taken "
+        "over the prompts' means, as samples of one prompt are not independent)"), min=1)
     temperature: float = param(0.7, help="sampling temperature of the evaluated policies", min=0.0, min_exclusive=True)
     max_new_tokens: int = param(48, help="response length limit", min=1)
+
+
+@dataclass
+class IterationConfig:
+    """How rounds after the first (``rounds`` > 1) train their reward model."""
+
+    reward_model: Literal["retrain", "continue"] = param("retrain", help=(
+        "retrain: a new reward model from the SFT model on all comparisons so far (rm.training as in round 0); "
+        "continue: the previous round's reward model, head included, trained further on all comparisons so far"))
+    rm_epochs: float | None = param(None, help=(
+        "RM epochs over all comparisons so far in rounds after the first (null: rm.training.num_epochs)"),
+        min=0.0, min_exclusive=True)
 
 
 @dataclass
@@ -641,6 +662,7 @@ class PipelineConfig:
     ppo: PPOConfig = param(default_factory=PPOConfig, help="stage 3 (policy, reward and critic paths are filled in)")
     feedback: FeedbackConfig = param(default_factory=FeedbackConfig, help="comparisons for the reward model")
     evaluation: EvaluationConfig = param(default_factory=EvaluationConfig, help="held-out evaluation")
+    iteration: IterationConfig = param(default_factory=IterationConfig, help="rounds after the first (rounds > 1)")
 
     def validate(self) -> None:
         problems = collect_field_problems(self)

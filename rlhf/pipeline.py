@@ -26,7 +26,7 @@ import time
 import torch
 import yaml
 
-from rlhf.config import PipelineConfig, to_dict
+from rlhf.config import PipelineConfig, from_dict, to_dict
 from rlhf.data import load_table, pad_left, tokenize_prompts
 from rlhf.errors import UserError
 from rlhf.generation import sample_with_logprobs
@@ -74,10 +74,17 @@ def run_pipeline(config: PipelineConfig) -> str:
                                                                  held_out=True, force=upstream_ran)
                 upstream_ran = record(collected or collected_eval) or upstream_ran
             comparison_files.append(new_file)
-        # Stage 2b: reward model on all comparisons so far, from the SFT model (DESIGN.md)
+        # Stage 2b: reward model on all comparisons so far: from the SFT model (DESIGN.md), or in later
+        # rounds optionally continued from the previous round's reward model, trained head and all.
         rm = copy.deepcopy(config.rm)
         rm.output_dir = os.path.join(round_dir, "rm")
         rm.model = ModelConfig(name_or_path=sft_final)
+        if round_index > 0:
+            if config.iteration.reward_model == "continue":
+                rm.model = ModelConfig(name_or_path=os.path.join(root, f"round-{round_index - 1}", "rm", "final"))
+                rm.head_init = "keep"
+            if config.iteration.rm_epochs is not None:
+                rm.training.num_epochs = config.iteration.rm_epochs
         rm.data.path = merge_files(comparison_files, os.path.join(round_dir, "feedback", "comparisons_all.jsonl"))
         if eval_pairs is not None:
             rm.data.eval_path = eval_pairs
@@ -145,6 +152,12 @@ def run_stage(trainer_class, stage_config, force: bool) -> bool:
     if os.path.exists(saved_path):
         with open(saved_path, encoding="utf-8") as handle:
             saved = yaml.safe_load(handle)
+        # Read back through the config class, so a key added since (at its default) is no change;
+        # a file this version cannot read counts as changed.
+        try:
+            saved = to_dict(from_dict(type(stage_config), saved, source=saved_path))
+        except UserError:
+            saved = None
     current = to_dict(stage_config)
     unchanged = not force and saved is not None and strip_overwrite(saved) == strip_overwrite(current)
     if unchanged and os.path.isdir(final_dir):
@@ -190,8 +203,11 @@ def read_prompts(path: str, tokenizer, limit: int) -> tuple[list[str], list[list
 
 @torch.no_grad()
 def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: int, temperature: float,
-                     max_new_tokens: int, batch_size: int, seed: int) -> list[list[str]]:
-    """``num_samples`` responses per prompt from the causal LM at ``model_path`` (text without EOS)."""
+                     max_new_tokens: int, batch_size: int, seed: int, keep: list | None = None) -> list[list[str]]:
+    """``num_samples`` responses per prompt from the causal LM at ``model_path`` (text without EOS).
+
+    ``keep``: if a list, each batch's (prompts, prompt mask, response ids, logprobs) is appended to it.
+    """
     model, tokenizer = load_causal_lm(ModelConfig(name_or_path=model_path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     avoid_cudnn_attention(device)
@@ -203,8 +219,10 @@ def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: 
         prompts = pad_left(chunk, tokenizer.pad_token_id).to(device)
         mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
         for _ in range(num_samples):
-            tokens, _ = sample_with_logprobs(model, prompts, mask, max_new_tokens, temperature, 0, 1.0,
-                                             tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            tokens, logprobs = sample_with_logprobs(model, prompts, mask, max_new_tokens, temperature, 0, 1.0,
+                                                    tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            if keep is not None:
+                keep.append((prompts, mask, tokens, logprobs))
             for offset, row in enumerate(tokens.tolist()):
                 kept = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
                 responses[start + offset].append(
@@ -289,29 +307,91 @@ def evaluate_policies(config: PipelineConfig, sft_path: str, ppo_path: str, rewa
     result: dict = {"num_prompts": len(texts), "samples": []}
     reward_model, reward_tokenizer = load_reward_model(reward_path)
     gold = load_reward_function(evaluation.gold, key="evaluation.gold") if evaluation.gold else None
-    scored = {}
+    per_prompt = evaluation.samples_per_prompt
+    result["samples_per_prompt"] = per_prompt
+    # Flat lists, prompt-major: entry i * per_prompt + j is sample j of prompt i.
+    prompts = [text for text in texts for _ in range(per_prompt)]
+    prompt_of = [i for i in range(len(texts)) for _ in range(per_prompt)]
+    scored, ppo_samples = {}, []
     for name, path in (("sft", sft_path), ("ppo", ppo_path)):
-        responses = [r[0] for r in sample_responses(path, ids, 1, evaluation.temperature, evaluation.max_new_tokens,
-                                                    config.feedback.batch_size, seed)]
-        proxy = score_texts(reward_model, reward_tokenizer, texts, responses)
-        gold_scores = gold(texts, responses) if gold else [float("nan")] * len(texts)
+        responses = [response for group in sample_responses(
+            path, ids, per_prompt, evaluation.temperature, evaluation.max_new_tokens, config.feedback.batch_size,
+            seed, keep=ppo_samples if name == "ppo" else None) for response in group]
+        proxy = score_texts(reward_model, reward_tokenizer, prompts, responses)
+        gold_scores = gold(prompts, responses) if gold else [float("nan")] * len(prompts)
         scored[name] = (responses, proxy, gold_scores)
-        result[name] = {"gold": summary(gold_scores), "proxy": summary(proxy)}
+        result[name] = {"gold": summary(gold_scores, prompt_of), "proxy": summary(proxy, prompt_of)}
+    # After several rounds each PPO run's own KL is to the policy it started from; this one is to SFT.
+    # (sample_responses draws every sample of a batch of prompts before the next batch: regroup by prompt.)
+    result["kl_ppo_to_sft"] = summary(kl_to_reference(ppo_samples, sft_path, evaluation.temperature),
+                                      sample_prompts(len(texts), per_prompt, config.feedback.batch_size))
     if gold:
         sft_gold, ppo_gold = scored["sft"][2], scored["ppo"][2]
+        # Sample j of a prompt against sample j of the same prompt.
         wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(ppo_gold, sft_gold))
-        result["win_rate_ppo_over_sft"] = wins / len(texts)
+        result["win_rate_ppo_over_sft"] = wins / len(prompts)
         result["gold_gain_in_sft_std"] = ((result["ppo"]["gold"]["mean"] - result["sft"]["gold"]["mean"])
                                           / max(result["sft"]["gold"]["std"], 1e-9))
     for i in range(min(8, len(texts))):
         result["samples"].append({"prompt": texts[i],
-                                  **{f"{name}_{field}": scored[name][k][i] for name in scored
+                                  **{f"{name}_{field}": scored[name][k][i * per_prompt] for name in scored
                                      for k, field in ((0, "response"), (1, "proxy"), (2, "gold"))}})
     return result
 
 
-def summary(values: list[float]) -> dict:
+def sample_prompts(num_prompts: int, per_prompt: int, batch_size: int) -> list[int]:
+    """The prompt of each sample in the order ``sample_responses`` draws them (``keep``): for each batch
+    of prompts, all of them once, then again, ``per_prompt`` times."""
+    order = []
+    for start in range(0, num_prompts, batch_size):
+        batch = list(range(start, min(start + batch_size, num_prompts)))
+        order += batch * per_prompt
+    return order
+
+
+@torch.no_grad()
+def kl_to_reference(samples: list, reference_path: str, temperature: float) -> list[float]:
+    """Per response, Σ_t log π(y_t) − log π_ref(y_t) over its tokens up to the EOS: the k1 estimate of
+    KL(π ‖ π_ref) of each sampled sequence, at the sampling temperature, as PPO logs ``kl``.
+
+    Args:
+        samples: (prompts, prompt mask, response ids, logprobs under π) batches from ``sample_responses``.
+        reference_path: the causal LM of π_ref.
+    """
+    from rlhf.functional import logprobs_from_logits, truncate_after_eos
+    from rlhf.trainers.ppo import response_logits
+
+    model, tokenizer = load_causal_lm(ModelConfig(name_or_path=reference_path))
+    device = samples[0][0].device if samples else torch.device("cpu")
+    model.to(device).eval()
+    per_sequence = []
+    for prompts, prompt_mask, tokens, logprobs in samples:
+        response_ids, response_mask, _ = truncate_after_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        input_ids = torch.cat([prompts, response_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        ref_logprobs = logprobs_from_logits(response_logits(model, input_ids, attention_mask, prompts.shape[1]),
+                                            response_ids, temperature)
+        per_sequence += ((logprobs.float() - ref_logprobs.float()) * response_mask).sum(-1).tolist()
+    return per_sequence
+
+
+def summary(values: list[float], groups: list[int] | None = None) -> dict:
+    """Mean, std over all values, n, and the standard error of the mean.
+
+    ``groups``: the prompt of each value. With several samples per prompt they are not independent,
+    so the standard error is that of the mean over prompts of each prompt's mean (equal group sizes).
+    """
     count = len(values)
     mean = sum(values) / count
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(count - 1, 1))
-    return {"mean": mean, "std": std, "stderr": std / math.sqrt(count), "n": count}
+    std = sample_std(values)
+    by_group: dict[int, list[float]] = {}
+    for value, group in zip(values, groups if groups is not None else range(count)):
+        by_group.setdefault(group, []).append(value)
+    group_means = [sum(v) / len(v) for v in by_group.values()]
+    stderr = sample_std(group_means) / math.sqrt(len(group_means))
+    return {"mean": mean, "std": std, "stderr": stderr, "n": count}
+
+
+def sample_std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))

@@ -80,7 +80,8 @@ def write_report(run_dir: str) -> str:
 
 def evaluation_section(evaluation: dict) -> list[str]:
     lines = ["## Held-out evaluation", "",
-             f"{evaluation['num_prompts']} held-out prompts, one sample each per policy.", "",
+             f"{evaluation['num_prompts']} held-out prompts, {evaluation.get('samples_per_prompt', 1)} sample(s) each per "
+             "policy (standard errors over the prompts' means).", "",
              "| policy | gold mean ± s.e. (std) | proxy RM mean ± s.e. |", "|---|---|---|"]
     for name in ("sft", "ppo"):
         gold, proxy = evaluation[name]["gold"], evaluation[name]["proxy"]
@@ -89,6 +90,10 @@ def evaluation_section(evaluation: dict) -> list[str]:
     if "win_rate_ppo_over_sft" in evaluation:
         lines += ["", f"Win rate of PPO over SFT by the gold labeler: **{evaluation['win_rate_ppo_over_sft']:.3f}** "
                       f"(ties count half); gold gain = {evaluation['gold_gain_in_sft_std']:.2f} SFT standard deviations."]
+    if "kl_ppo_to_sft" in evaluation:  # absent from runs written before it was measured
+        kl = evaluation["kl_ppo_to_sft"]
+        lines += ["", f"KL(PPO ‖ SFT) on the PPO samples: {kl['mean']:.2f} ± {kl['stderr']:.2f} nats per response "
+                      "(summed over its tokens, at the evaluation temperature)."]
     lines += ["", "### Samples (same held-out prompts)", "", "| prompt | SFT (gold / proxy) | PPO (gold / proxy) |",
               "|---|---|---|"]
     for sample in evaluation.get("samples", []):
@@ -142,7 +147,8 @@ def plot_all(run_dir: str, sft: list[dict], rm_runs: list[list[dict]], ppo_runs:
             axis.set(title=title, xlabel="PPO step")
         save(figure, "ppo.png")
 
-        # Gao et al. 2022: scores against sqrt(KL) from the initial policy.
+        # Gao et al. 2022: scores against sqrt(KL) from the initial policy (each round's reference: SFT in
+        # round 0, the previous round's policy after it).
         figure, axis = plt.subplots(figsize=(5, 3.6))
         for index, ppo in enumerate(ppo_runs):
             points = [r for r in ppo if "kl" in r]
@@ -150,7 +156,7 @@ def plot_all(run_dir: str, sft: list[dict], rm_runs: list[list[dict]], ppo_runs:
             axis.plot(root_kl, [r["reward/mean"] for r in points], "o-", ms=3, label=f"proxy RM (round {index})")
             if points and "gold/mean" in points[0]:
                 axis.plot(root_kl, [r["gold/mean"] for r in points], "s--", ms=3, label=f"gold (round {index})")
-        axis.set(title="Over-optimisation: score vs √KL", xlabel="√KL(π ‖ π_SFT) (nats^½)", ylabel="score")
+        axis.set(title="Over-optimisation: score vs √KL", xlabel="√KL(π ‖ π_ref) (nats^½), π_ref = the round's start" if len(ppo_runs) > 1 else "√KL(π ‖ π_SFT) (nats^½)", ylabel="score")
         axis.legend(fontsize=7)
         save(figure, "overoptimization.png")
     return images

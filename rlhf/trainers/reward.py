@@ -221,7 +221,14 @@ class RewardTrainer:
         config = self.config
         if self.model is None:
             tokenizer = self.tokenizer if self.tokenizer is not None else load_tokenizer(config.model)
-            model = load_scalar_model(config.model, tokenizer, head_init="normal", seed=config.training.seed)
+            keep_head = config.head_init == "keep"
+            model = load_scalar_model(config.model, tokenizer, head_init=None if keep_head else "normal",
+                                      seed=config.training.seed)
+            architectures = getattr(model.config, "architectures", None) or []
+            if keep_head and not any(name.endswith("ForSequenceClassification") for name in architectures):
+                raise UserError(f"model.name_or_path: head_init=keep continues a reward model, but "
+                                f"'{config.model.name_or_path}' is a {', '.join(architectures) or 'model'} checkpoint "
+                                "without a trained scalar head; give a reward model's final/ or use head_init=normal")
             return model, tokenizer
         if self.tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")

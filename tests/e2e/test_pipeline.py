@@ -67,8 +67,9 @@ def test_shrunken_pipeline_runs_chains_and_reports(tmp_path):
     assert max(per_prompt) <= 6 and len(held_out) > len(per_prompt)
 
     evaluation = json.loads((out / "evaluation.json").read_text())
-    assert evaluation["num_prompts"] == 8
-    assert {"mean", "stderr", "std", "n"} <= set(evaluation["ppo"]["gold"])
+    assert evaluation["num_prompts"] == 8 and evaluation["samples_per_prompt"] == 8  # configs/pipeline.yaml's 8
+    assert {"mean", "stderr", "std", "n"} <= set(evaluation["ppo"]["gold"]) and evaluation["ppo"]["gold"]["n"] == 64
+    assert evaluation["kl_ppo_to_sft"]["n"] == 64 and evaluation["kl_ppo_to_sft"]["mean"] > -1.0
     assert 0.0 <= evaluation["win_rate_ppo_over_sft"] <= 1.0
     ppo_metrics = [json.loads(l) for l in (out / "round-0" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert "gold/mean" in ppo_metrics[-1]
@@ -94,18 +95,27 @@ def test_shrunken_pipeline_runs_chains_and_reports(tmp_path):
 
 
 @pytest.mark.e2e
-def test_two_rounds_continue_from_the_previous_policy_on_all_comparisons(tmp_path):
+@pytest.mark.parametrize("reward_model", ["retrain", "continue"])
+def test_two_rounds_continue_from_the_previous_policy_on_all_comparisons(tmp_path, reward_model):
     import yaml
 
     out = tmp_path / "pipe"
-    result = run_cli("pipeline", "--config", "configs/pipeline.yaml", f"output_dir={out}", "rounds=2", *SHRINK)
+    result = run_cli("pipeline", "--config", "configs/pipeline.yaml", f"output_dir={out}", "rounds=2",
+                     f"iteration.reward_model={reward_model}", "iteration.rm_epochs=2", *SHRINK)
     assert result.returncode == 0, result.stderr[-3000:]
     round_1 = out / "round-1"
     rm_config = yaml.safe_load((round_1 / "rm" / "config.yaml").read_text())
     ppo_config = yaml.safe_load((round_1 / "ppo" / "config.yaml").read_text())
-    # round 1 samples from round 0's PPO policy, retrains the RM on both rounds' comparisons
-    # (from the SFT model), and runs PPO again from round 0's PPO policy
-    assert rm_config["model"]["name_or_path"] == str(out / "sft" / "final")
+    # round 1 samples from round 0's PPO policy, trains the RM on both rounds' comparisons (a new one
+    # from the SFT model, or round 0's continued, head and all), and runs PPO again from round 0's PPO policy
+    if reward_model == "retrain":
+        assert rm_config["model"]["name_or_path"] == str(out / "sft" / "final") and rm_config["head_init"] == "normal"
+    else:
+        assert rm_config["model"]["name_or_path"] == str(out / "round-0" / "rm" / "final")
+        assert rm_config["head_init"] == "keep"
+    assert rm_config["training"]["num_epochs"] == 2.0
+    round_0_rm = yaml.safe_load((out / "round-0" / "rm" / "config.yaml").read_text())
+    assert round_0_rm["training"]["num_epochs"] == 5.0 and round_0_rm["head_init"] == "normal"
     assert rm_config["data"]["path"] == str(round_1 / "feedback" / "comparisons_all.jsonl")
     lines = lambda path: len(path.read_text().splitlines())  # noqa: E731
     assert lines(round_1 / "feedback" / "comparisons_all.jsonl") == (
@@ -149,3 +159,47 @@ def test_feedback_samples_at_the_ppo_temperature_unless_set_and_a_change_recolle
     assert not collect("ppo.sampling.temperature=0.9")        # unchanged: the cached comparisons are reused
     assert collect("ppo.sampling.temperature=0.6") and temperatures[-1] == 0.6  # PPO's changed: re-collected
     assert collect("feedback.temperature=1.0") and temperatures[-1] == 1.0
+
+
+def test_evaluation_summary_takes_the_standard_error_over_prompt_means():
+    from rlhf.pipeline import sample_prompts, summary
+
+    # one sample per prompt: the usual std / sqrt(n)
+    one = summary([1.0, 2.0, 3.0, 6.0])
+    assert one["mean"] == 3.0 and one["std"] == pytest.approx(2.160247, abs=1e-6)
+    assert one["stderr"] == pytest.approx(2.160247 / 2, abs=1e-6) and one["n"] == 4
+    # two prompts, two samples each: prompt means 1.5 and 4.5, std 2.1213, s.e. 2.1213 / sqrt(2) = 1.5
+    two = summary([1.0, 2.0, 3.0, 6.0], groups=[0, 0, 1, 1])
+    assert two["mean"] == 3.0 and two["std"] == one["std"] and two["stderr"] == pytest.approx(1.5)
+    # samples drawn batch by batch of prompts, every prompt of a batch once per pass
+    assert sample_prompts(5, 2, 3) == [0, 1, 2, 0, 1, 2, 3, 4, 3, 4]
+
+
+def test_kl_to_reference_is_zero_against_itself_and_sums_only_response_tokens(tokenizer_dir, tmp_path):
+    import torch
+
+    from rlhf.config import ArchitectureConfig, ModelConfig
+    from rlhf.generation import sample_with_logprobs
+    from rlhf.models import load_causal_lm
+    from rlhf.pipeline import kl_to_reference
+
+    model, tokenizer = load_causal_lm(ModelConfig(
+        from_config=ArchitectureConfig(n_layer=1, n_head=2, n_embd=16, n_positions=64), tokenizer=tokenizer_dir))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    model.eval()
+    prompts = torch.tensor([[5, 6, 7], [tokenizer.pad_token_id, 8, 9]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    tokens, logprobs = sample_with_logprobs(model, prompts, mask, 6, 0.7, 0, 1.0, tokenizer.eos_token_id,
+                                            tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    # the same model as reference: every per-token log ratio is 0 up to float rounding
+    same = kl_to_reference([(prompts, mask, tokens, logprobs)], str(tmp_path / "m"), 0.7)
+    assert len(same) == 2 and all(abs(v) < 1e-4 for v in same)
+    # a response ending at its third token, π's logprobs all 0: -Σ of the reference's logprobs of the
+    # three tokens up to and including the EOS, nothing after it (oracle: a plain forward)
+    tokens[0, 2] = tokenizer.eos_token_id
+    kl = kl_to_reference([(prompts, mask, tokens, torch.zeros_like(logprobs))], str(tmp_path / "m"), 0.7)
+    with torch.no_grad():
+        logits = model(torch.cat([prompts[0], tokens[0, :3]]).unsqueeze(0)).logits[0, 2:5] / 0.7
+    expected = -logits.log_softmax(-1).gather(1, tokens[0, :3].unsqueeze(1)).sum()
+    assert kl[0] == pytest.approx(float(expected), abs=1e-4)

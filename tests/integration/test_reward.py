@@ -24,6 +24,7 @@ from rlhf.config import (
     TrainingConfig,
 )
 from rlhf.data import pad_left, pad_right
+from rlhf.errors import UserError
 from rlhf.models import load_scalar_model, load_tokenizer
 from rlhf.preference import chosen_sequences, collate_preferences, detect_preference_format, tokenize_preferences
 from rlhf.scoring import encode_pair, load_reward_model, raw_scores, score_file, score_texts
@@ -181,6 +182,35 @@ def test_built_model_has_dropout_off_a_normal_head_and_a_pad_token(tokenizer_dir
     assert torch.equal(model.raw_score(ids, mask), model.raw_score(ids, mask))
     # Head N(0, 1/sqrt(d+1)) (PPO-NOTES item 3): 32 weights, std 1/sqrt(33) ≈ 0.174
     assert 0.08 < model.head.weight.std().item() < 0.3 and model.head.weight.shape == (1, 32)
+
+
+def test_head_init_keep_continues_a_reward_model_and_refuses_a_causal_lm(trained_rm, tokenizer_dir, tmp_path):
+    config, final_dir, evaluation = trained_rm
+    continued = tiny_rm_config(tokenizer_dir, config.data.path, evaluation, str(tmp_path / "continued"))
+    continued.model = ModelConfig(name_or_path=final_dir)
+    continued.head_init = "keep"
+    model, _ = RewardTrainer(continued).build_model()
+    trained = AutoModelForSequenceClassification.from_pretrained(final_dir)
+    assert torch.equal(model.head.weight, trained.score.weight)  # the trained head, not a new draw
+    # ... so the continued run starts where the trained one ended (step-0 eval accuracy), unlike a new head
+    continued.training = TrainingConfig(batch_size=8, lr=1e-4, max_steps=1, log_every=1, eval_every=1)
+    RewardTrainer(continued).train()
+    first_eval = [m for m in read_metrics(continued.output_dir) if "eval/accuracy" in m][0]
+    assert first_eval["step"] == 0 and first_eval["eval/accuracy"] >= 0.9
+
+    # a causal LM has no trained head to keep: one clear line naming the key
+    lm_dir = str(tmp_path / "lm")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_config(trained.config).save_pretrained(lm_dir)
+    AutoTokenizer.from_pretrained(final_dir).save_pretrained(lm_dir)
+    continued.model = ModelConfig(name_or_path=lm_dir)
+    with pytest.raises(UserError, match=r"model.name_or_path: head_init=keep .*GPT2LMHeadModel"):
+        RewardTrainer(continued).build_model()
+    fresh = tiny_rm_config(tokenizer_dir, config.data.path, None, str(tmp_path / "fresh"))
+    fresh.head_init = "keep"
+    with pytest.raises(UserError, match="head_init: keep needs a trained reward model"):
+        fresh.validate()
 
 
 # ----------------------------------------------------------------------------- the score (PPO-NOTES §4 item 9)

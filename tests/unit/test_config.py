@@ -180,3 +180,31 @@ def test_flatten_gives_trackers_scalars_only():
                     "logging": {"report_to": ["tensorboard"]}, "model": {"from_config": {}}})
     assert flat == {"training.lr": 1e-3, "training.max_steps": "None", "data.columns.prompt": "q", "data.path": "x",
                     "logging.report_to": "['tensorboard']", "model.from_config": "{}"}
+
+
+def test_pipeline_skip_check_reads_a_saved_config_through_its_class(tmp_path):
+    """A stage finished by an older version (its config.yaml lacks a key added since, at its default) is
+    skipped; a changed value, or a file this version cannot read, runs the stage again."""
+    from rlhf.config import RewardConfig, to_dict
+    from rlhf.pipeline import run_stage
+
+    ran = []
+
+    class Trainer:
+        def __init__(self, config):
+            ran.append(config.overwrite)
+
+        def train(self, resume):
+            pass
+
+    config = RewardConfig(output_dir=str(tmp_path))
+    os.makedirs(tmp_path / "final")
+    saved = to_dict(config)
+    del saved["head_init"]  # written before the key existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert run_stage(Trainer, config, force=False) is False and ran == []
+    config.training.lr = 1.0
+    assert run_stage(Trainer, config, force=False) is True and ran == [True]
+    config.training.lr = RewardConfig().training.lr
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**saved, "key_from_the_future": 1}))
+    assert run_stage(Trainer, config, force=False) is True
