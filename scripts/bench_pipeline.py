@@ -39,6 +39,9 @@ def run() -> int:
         "gold_sft": round(evaluation["sft"]["gold"]["mean"], 4),
         "gold_ppo": round(evaluation["ppo"]["gold"]["mean"], 4),
         "win_rate": round(evaluation.get("win_rate_ppo_over_sft", float("nan")), 4),
+        "gold_gain_in_sft_std": round(evaluation.get("gold_gain_in_sft_std", float("nan")), 4),
+        "kl_ppo_to_sft": round(evaluation["kl_ppo_to_sft"]["mean"], 4),
+        "eval_samples_per_policy": evaluation["ppo"]["gold"]["n"],
     }))
     return 0
 

@@ -128,6 +128,20 @@ def test_two_rounds_continue_from_the_previous_policy_on_all_comparisons(tmp_pat
     assert "round 1" in (out / "report.md").read_text()
 
 
+@pytest.mark.e2e
+def test_bench_pipeline_prints_the_time_of_every_stage_and_the_results(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "scripts/bench_pipeline.py", "--output-dir", str(tmp_path / "bench"),
+                             "evaluation.samples_per_prompt=2", *SHRINK], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(line["seconds_per_stage"]) == {"sft", "round-0/feedback", "round-0/rm", "round-0/ppo", "evaluation"}
+    assert all(seconds > 0 for seconds in line["seconds_per_stage"].values())
+    assert line["eval_samples_per_policy"] == 16 and line["total_s"] >= sum(line["seconds_per_stage"].values())
+    assert {"gold_sft", "gold_ppo", "win_rate", "gold_gain_in_sft_std", "kl_ppo_to_sft", "peak_rss_mb"} <= set(line)
+
+
 def test_pipeline_config_error_is_one_line(tmp_path):
     result = run_cli("pipeline", "--config", "configs/pipeline.yaml", "rm.trainng.lr=1")
     assert result.returncode == 2
