@@ -156,7 +156,8 @@ def plot_all(run_dir: str, sft: list[dict], rm_runs: list[list[dict]], ppo_runs:
             axis.plot(root_kl, [r["reward/mean"] for r in points], "o-", ms=3, label=f"proxy RM (round {index})")
             if points and "gold/mean" in points[0]:
                 axis.plot(root_kl, [r["gold/mean"] for r in points], "s--", ms=3, label=f"gold (round {index})")
-        axis.set(title="Over-optimisation: score vs √KL", xlabel="√KL(π ‖ π_ref) (nats^½), π_ref = the round's start" if len(ppo_runs) > 1 else "√KL(π ‖ π_SFT) (nats^½)", ylabel="score")
+        reference = "π_ref) (nats^½), π_ref = the round's start" if len(ppo_runs) > 1 else "π_SFT) (nats^½)"
+        axis.set(title="Over-optimisation: score vs √KL", xlabel=f"√KL(π ‖ {reference}", ylabel="score")
         axis.legend(fontsize=7)
         save(figure, "overoptimization.png")
     return images
