@@ -23,7 +23,6 @@ setup(
     extras_require={
         "dev": ["pytest>=7.0", "tokenizers>=0.19"],
         "tracking": ["tensorboard>=2.10", "wandb>=0.16"],
-        "peft": ["peft>=0.10"],
         "report": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["rlhf=rlhf.cli:main_entry"]},
