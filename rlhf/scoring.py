@@ -16,7 +16,7 @@ import torch
 from rlhf.config import ModelConfig
 from rlhf.data import check_text, load_table, pad_right, require_columns
 from rlhf.errors import UserError
-from rlhf.models import ScalarHeadModel, load_scalar_model, load_tokenizer
+from rlhf.models import ScalarHeadModel, checkpoint_architectures, has_trained_head, load_scalar_model, load_tokenizer
 from rlhf.models.backbone import context_size
 from rlhf.preference import encode_prompt, encode_response
 
@@ -32,8 +32,8 @@ def load_reward_model(path: str, device: str | torch.device | None = None) -> tu
     model_config = ModelConfig(name_or_path=path)
     tokenizer = load_tokenizer(model_config)
     model = load_scalar_model(model_config, tokenizer, head_init=None)
-    architectures = getattr(model.config, "architectures", None) or []
-    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+    if not has_trained_head(model):
+        architectures = checkpoint_architectures(model)
         raise UserError(f"model: '{path}' is not a reward model (its config lists {architectures or 'no'} "
                         "architectures, so its score head would be random); train one with `rlhf rm`")
     model.eval()

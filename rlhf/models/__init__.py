@@ -12,9 +12,10 @@ from rlhf.models.backbone import (
     resolve_max_length,
     use_fused_gelu,
 )
-from rlhf.models.heads import ScalarHeadModel, load_scalar_model
+from rlhf.models.heads import ScalarHeadModel, checkpoint_architectures, has_trained_head, load_scalar_model
 
 __all__ = [
-    "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "disable_dropout", "ensure_pad_token", "kept_logits",
-    "load_causal_lm", "load_scalar_model", "load_tokenizer", "resolve_max_length", "use_fused_gelu",
+    "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "checkpoint_architectures", "disable_dropout",
+    "ensure_pad_token", "has_trained_head", "kept_logits", "load_causal_lm", "load_scalar_model", "load_tokenizer",
+    "resolve_max_length", "use_fused_gelu",
 ]

@@ -139,6 +139,17 @@ class ScalarHeadModel(nn.Module):
         self.model.save_pretrained(directory, state_dict=state_dict, **kwargs)
 
 
+def checkpoint_architectures(model: ScalarHeadModel) -> list[str]:
+    """The architectures the loaded checkpoint's config names (empty for a model built here)."""
+    return getattr(model.config, "architectures", None) or []
+
+
+def has_trained_head(model: ScalarHeadModel) -> bool:
+    """Whether the checkpoint was saved as a sequence classifier, i.e. its one-label head was trained;
+    loaded from a causal LM, the head is a random draw."""
+    return any(name.endswith("ForSequenceClassification") for name in checkpoint_architectures(model))
+
+
 def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | None = "normal",
                       seed: int = 0, key: str = "model.name_or_path") -> ScalarHeadModel:
     """A scalar-head model from any causal-LM or sequence-classification checkpoint, or a fresh GPT-2.

@@ -27,6 +27,8 @@ from rlhf.functional import last_valid_index, pairwise_accuracy, pairwise_rankin
 from rlhf.models import (
     ScalarHeadModel,
     adopt_model,
+    checkpoint_architectures,
+    has_trained_head,
     load_scalar_model,
     load_tokenizer,
     resolve_max_length,
@@ -224,10 +226,10 @@ class RewardTrainer:
             keep_head = config.head_init == "keep"
             model = load_scalar_model(config.model, tokenizer, head_init=None if keep_head else "normal",
                                       seed=config.training.seed)
-            architectures = getattr(model.config, "architectures", None) or []
-            if keep_head and not any(name.endswith("ForSequenceClassification") for name in architectures):
+            if keep_head and not has_trained_head(model):
+                architectures = ", ".join(checkpoint_architectures(model)) or "model"
                 raise UserError(f"model.name_or_path: head_init=keep continues a reward model, but "
-                                f"'{config.model.name_or_path}' is a {', '.join(architectures) or 'model'} checkpoint "
+                                f"'{config.model.name_or_path}' is a {architectures} checkpoint "
                                 "without a trained scalar head; give a reward model's final/ or use head_init=normal")
             return model, tokenizer
         if self.tokenizer is None:

@@ -207,6 +207,8 @@ def test_head_init_keep_continues_a_reward_model_and_refuses_a_causal_lm(trained
     continued.model = ModelConfig(name_or_path=lm_dir)
     with pytest.raises(UserError, match=r"model.name_or_path: head_init=keep .*GPT2LMHeadModel"):
         RewardTrainer(continued).build_model()
+    with pytest.raises(UserError, match=r"is not a reward model .*GPT2LMHeadModel"):  # the same check when scoring
+        load_reward_model(lm_dir)
     fresh = tiny_rm_config(tokenizer_dir, config.data.path, None, str(tmp_path / "fresh"))
     fresh.head_init = "keep"
     with pytest.raises(UserError, match="head_init: keep needs a trained reward model"):
