@@ -206,7 +206,8 @@ def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: 
                      max_new_tokens: int, batch_size: int, seed: int, keep: list | None = None) -> list[list[str]]:
     """``num_samples`` responses per prompt from the causal LM at ``model_path`` (text without EOS).
 
-    ``keep``: if a list, each batch's (prompts, prompt mask, response ids, logprobs) is appended to it.
+    ``keep``: if a list, each batch's (prompt indices, (prompts, prompt mask, response ids, logprobs))
+    is appended to it.
     """
     model, tokenizer = load_causal_lm(ModelConfig(name_or_path=model_path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,7 +223,7 @@ def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: 
             tokens, logprobs = sample_with_logprobs(model, prompts, mask, max_new_tokens, temperature, 0, 1.0,
                                                     tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
             if keep is not None:
-                keep.append((prompts, mask, tokens, logprobs))
+                keep.append((range(start, start + len(chunk)), (prompts, mask, tokens, logprobs)))
             for offset, row in enumerate(tokens.tolist()):
                 kept = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
                 responses[start + offset].append(
@@ -322,9 +323,9 @@ def evaluate_policies(config: PipelineConfig, sft_path: str, ppo_path: str, rewa
         scored[name] = (responses, proxy, gold_scores)
         result[name] = {"gold": summary(gold_scores, prompt_of), "proxy": summary(proxy, prompt_of)}
     # After several rounds each PPO run's own KL is to the policy it started from; this one is to SFT.
-    # (sample_responses draws every sample of a batch of prompts before the next batch: regroup by prompt.)
-    result["kl_ppo_to_sft"] = summary(kl_to_reference(ppo_samples, sft_path, evaluation.temperature),
-                                      sample_prompts(len(texts), per_prompt, config.feedback.batch_size))
+    result["kl_ppo_to_sft"] = summary(kl_to_reference([batch for _, batch in ppo_samples], sft_path,
+                                                      evaluation.temperature),
+                                      [index for indices, _ in ppo_samples for index in indices])
     if gold:
         sft_gold, ppo_gold = scored["sft"][2], scored["ppo"][2]
         # Sample j of a prompt against sample j of the same prompt.
@@ -339,23 +340,13 @@ def evaluate_policies(config: PipelineConfig, sft_path: str, ppo_path: str, rewa
     return result
 
 
-def sample_prompts(num_prompts: int, per_prompt: int, batch_size: int) -> list[int]:
-    """The prompt of each sample in the order ``sample_responses`` draws them (``keep``): for each batch
-    of prompts, all of them once, then again, ``per_prompt`` times."""
-    order = []
-    for start in range(0, num_prompts, batch_size):
-        batch = list(range(start, min(start + batch_size, num_prompts)))
-        order += batch * per_prompt
-    return order
-
-
 @torch.no_grad()
 def kl_to_reference(samples: list, reference_path: str, temperature: float) -> list[float]:
     """Per response, Σ_t log π(y_t) − log π_ref(y_t) over its tokens up to the EOS: the k1 estimate of
     KL(π ‖ π_ref) of each sampled sequence, at the sampling temperature, as PPO logs ``kl``.
 
     Args:
-        samples: (prompts, prompt mask, response ids, logprobs under π) batches from ``sample_responses``.
+        samples: (prompts, prompt mask, response ids, logprobs under π) batches, as ``sample_responses`` keeps them.
         reference_path: the causal LM of π_ref.
     """
     from rlhf.functional import logprobs_from_logits, truncate_after_eos

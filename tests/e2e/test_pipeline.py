@@ -176,7 +176,7 @@ def test_feedback_samples_at_the_ppo_temperature_unless_set_and_a_change_recolle
 
 
 def test_evaluation_summary_takes_the_standard_error_over_prompt_means():
-    from rlhf.pipeline import sample_prompts, summary
+    from rlhf.pipeline import summary
 
     # one sample per prompt: the usual std / sqrt(n)
     one = summary([1.0, 2.0, 3.0, 6.0])
@@ -185,8 +185,6 @@ def test_evaluation_summary_takes_the_standard_error_over_prompt_means():
     # two prompts, two samples each: prompt means 1.5 and 4.5, std 2.1213, s.e. 2.1213 / sqrt(2) = 1.5
     two = summary([1.0, 2.0, 3.0, 6.0], groups=[0, 0, 1, 1])
     assert two["mean"] == 3.0 and two["std"] == one["std"] and two["stderr"] == pytest.approx(1.5)
-    # samples drawn batch by batch of prompts, every prompt of a batch once per pass
-    assert sample_prompts(5, 2, 3) == [0, 1, 2, 0, 1, 2, 3, 4, 3, 4]
 
 
 def test_kl_to_reference_is_zero_against_itself_and_sums_only_response_tokens(tokenizer_dir, tmp_path):
@@ -195,7 +193,7 @@ def test_kl_to_reference_is_zero_against_itself_and_sums_only_response_tokens(to
     from rlhf.config import ArchitectureConfig, ModelConfig
     from rlhf.generation import sample_with_logprobs
     from rlhf.models import load_causal_lm
-    from rlhf.pipeline import kl_to_reference
+    from rlhf.pipeline import kl_to_reference, sample_responses
 
     model, tokenizer = load_causal_lm(ModelConfig(
         from_config=ArchitectureConfig(n_layer=1, n_head=2, n_embd=16, n_positions=64), tokenizer=tokenizer_dir))
@@ -217,3 +215,10 @@ def test_kl_to_reference_is_zero_against_itself_and_sums_only_response_tokens(to
         logits = model(torch.cat([prompts[0], tokens[0, :3]]).unsqueeze(0)).logits[0, 2:5] / 0.7
     expected = -logits.log_softmax(-1).gather(1, tokens[0, :3].unsqueeze(1)).sum()
     assert kl[0] == pytest.approx(float(expected), abs=1e-4)
+
+    # kept samples carry their prompts' indices: drawn batch by batch of prompts, every prompt of a
+    # batch once per pass
+    kept = []
+    sample_responses(str(tmp_path / "m"), [[5, 6], [7], [8, 9], [10], [11]], 2, 0.7, 4, 3, 0, keep=kept)
+    assert [index for indices, _ in kept for index in indices] == [0, 1, 2, 0, 1, 2, 3, 4, 3, 4]
+    assert [batch[2].shape[0] for _, batch in kept] == [3, 3, 2, 2]
