@@ -21,7 +21,9 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "dev": ["pytest>=7.0", "tokenizers>=0.19"],
+        "dev": ["pytest>=7.0", "tokenizers>=0.19", "peft>=0.13"],  # the tests cover LoRA too
+        "peft": ["peft>=0.13"],            # LoRA: a `lora:` block in a model config
+        "deepspeed": ["deepspeed>=0.15"],  # the configs/accelerate/deepspeed_*.yaml launch configs (GPU)
         "tracking": ["tensorboard>=2.10", "wandb>=0.16"],
         "report": ["matplotlib>=3.5"],
     },

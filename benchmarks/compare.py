@@ -1,22 +1,23 @@
 #!/usr/bin/env python
-"""Our trainers against the TRL anchors and the plain-torch ceiling on the shared workload, interleaved.
+"""Our trainers against the TRL anchors and the plain-torch ceiling on the benchmark workload, interleaved.
 
     python benchmarks/compare.py [--rounds 3] [--stages sft,rm,ppo] [--skip-double]
 
 Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), the TRL
-anchor (trl_sft.py / trl_rm.py in the trl116 venv, trl_ppo.py in trl029), the plain-torch
-ceiling for that stage alone (torch_ceiling.py --stage <stage>, trl116, so its peak RSS is the
-stage's own) and ours on the 2x-length variant; ``peak_flops.py`` runs once first. Interleaving
-spreads a machine's slow phases over every implementation; medians over rounds are compared.
+anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116 venv, trl_ppo.py in trl029), the
+plain-torch ceiling for that stage alone (anchors/torch_ceiling.py --stage <stage>, trl116, so its
+peak RSS is the stage's own) and ours on the 2x-length variant; anchors/peak_flops.py runs once
+first. Interleaving spreads a machine's slow phases over every implementation; medians over rounds
+are compared.
 
 Prints a table of medians, ``ours ÷ ceiling``, and as its last line
 ``ratios: sft=X.XX rm=X.XX ppo=X.XX`` (ours ÷ TRL, medians of tokens/s, pairs/s, episodes/s).
 Writes BENCHMARKS.md at the repository root and the raw JSON lines to benchmarks/results/latest.jsonl.
 
-Where things are: the shared bench directory from RLHF_BENCH_SHARED (default
-<repo>/../shared/bench), the anchor venvs from BENCH_VENVS (default ~/.cache/rlhf-bench/venvs),
-the workload from RLHF_BENCH_DIR (default ~/.cache/rlhf-bench/workload); ``bash
-../shared/bench/setup.sh`` builds all three. BENCH_THREADS (default 2) reaches every run.
+Where things are: the anchor scripts in benchmarks/anchors/ (this repository), their venvs in
+BENCH_VENVS (default ~/.cache/rlhf-bench/venvs), the workload in RLHF_BENCH_DIR (default
+~/.cache/rlhf-bench/workload); ``make bench-setup`` builds the venvs and the workload.
+BENCH_THREADS (default 2) reaches every run. docs/benchmark.md describes the benchmark.
 
 No torch here: this script only starts processes and reads their last stdout line.
 """
@@ -39,14 +40,15 @@ from pathlib import Path
 import common
 
 STAGES = ("sft", "rm", "ppo")
-# The throughput each stage is judged by (WORKLOAD.md), with its unit for the table.
+# The throughput each stage is judged by (docs/benchmark.md), with its unit for the table.
 THROUGHPUT = {"sft": ("tokens_per_s", "real tokens/s"), "rm": ("pairs_per_s", "pairs/s"),
               "ppo": ("episodes_per_s", "episodes/s")}
 IMPLEMENTATIONS = (("rlhf", "1x", "ours"), ("trl", "1x", "TRL"), ("ceiling", "1x", "plain-torch ceiling"),
                    ("rlhf", "2x-length", "ours, 2x-length"))
 CONTAMINATION_LIMIT = 0.05  # other processes' share of the CPU above which a run is flagged
 ANCHOR_VENV = {"sft": "trl116", "rm": "trl116", "ppo": "trl029"}  # TRL 0.29.1 is the last with a PPOTrainer
-# The anchors' PPO episode (WORKLOAD.md) when a result line does not state its own lengths.
+ANCHOR_DIR = common.BENCH_DIR / "anchors"  # the anchor scripts, part of this repository
+# The anchors' PPO episode (docs/benchmark.md) when a result line does not state its own lengths.
 PPO_PROMPT_TOKENS, PPO_NEW_TOKENS = 32, 32
 EMBEDDING_NAMES = {"wte", "wpe", "embed_tokens", "embed_positions", "word_embeddings", "position_embeddings",
                    "lm_head"}  # lm_head is tied to wte in the workload model
@@ -62,7 +64,7 @@ def non_embedding_params(model_dir: Path) -> int:
     """Parameters of the workload model outside token/position embeddings (and the tied lm_head).
 
     Read from the safetensors header (tensor names and shapes), so no torch is needed; this is
-    the N of the 6·N·tokens rule, as anchors/common.py's non_embedding_params counts it.
+    the N of the 6·N·tokens rule, as benchmarks/anchors/harness.py's non_embedding_params counts it.
     """
     with open(model_dir / "model.safetensors", "rb") as handle:
         header_length = struct.unpack("<Q", handle.read(8))[0]
@@ -113,7 +115,7 @@ def peak_gflops_of(result: dict) -> float:
 # ----------------------------------------------------------------------------- summarising (pure)
 
 def other_cpu_frac(result: dict) -> float | None:
-    """Other processes' CPU share during the timed part; None where a script does not measure it (the ceiling)."""
+    """Other processes' CPU share during the timed part; None where a result line does not carry it."""
     cpu = result.get("cpu")
     return cpu.get("other_cpu_frac") if isinstance(cpu, dict) else None
 
@@ -250,45 +252,44 @@ def report_text(summary: Summary) -> str:
 
 # ----------------------------------------------------------------------------- locating and running
 
+class SetupMissing(BenchError):
+    """What the runs need is not there (a venv, the workload): ``make bench-setup`` is the fix (exit 2)."""
+
+
 @dataclass
 class Places:
-    shared: Path
     venvs: Path
     workload: Path
     python: str  # ours
 
 
 def locate() -> Places:
-    shared = Path(os.environ.get("RLHF_BENCH_SHARED", str(common.REPO_ROOT.parent / "shared" / "bench")))
     venvs = Path(os.environ.get("BENCH_VENVS", str(Path.home() / ".cache" / "rlhf-bench" / "venvs")))
     ours = common.REPO_ROOT / ".venv" / "bin" / "python"
     # Absolute, because the runs start in the repository root whatever directory we were started from.
-    return Places(shared.expanduser().resolve(), venvs.expanduser().resolve(), common.workload_root().resolve(),
+    return Places(venvs.expanduser().resolve(), common.workload_root().resolve(),
                   str(ours) if ours.exists() else sys.executable)
 
 
 def check_places(places: Places, stages: list[str]) -> None:
     """Everything the runs need, or one line saying what is missing and how to get it."""
-    needed = [places.shared / "anchors" / "peak_flops.py", places.shared / "anchors" / "torch_ceiling.py"]
-    needed += [places.shared / "anchors" / f"trl_{stage}.py" for stage in stages]
-    needed += [places.venvs / venv / "bin" / "python" for venv in sorted({"trl116", *(ANCHOR_VENV[s] for s in stages)})]
+    needed = [places.venvs / venv / "bin" / "python" for venv in sorted({"trl116", *(ANCHOR_VENV[s] for s in stages)})]
     for path in needed:
         if not path.exists():
-            raise BenchError(f"compare: {path} not found (RLHF_BENCH_SHARED, BENCH_VENVS); {common.SETUP_HINT}")
+            raise SetupMissing(f"compare: {path} not found (BENCH_VENVS); {common.SETUP_HINT}")
     try:
         common.verify_workload(places.workload)
     except common.WorkloadError as error:
-        raise BenchError(str(error)) from None
+        raise SetupMissing(str(error)) from None
 
 
 def commands(places: Places, stage: str, skip_double: bool) -> list[tuple[str, str, list[str]]]:
     """(impl, variant, argv) of one stage's runs in one round, in the order they run."""
-    anchors = places.shared / "anchors"
     trl116 = str(places.venvs / "trl116" / "bin" / "python")
     ours = [places.python, str(common.REPO_ROOT / "benchmarks" / f"{stage}.py")]
     runs = [("rlhf", "1x", ours),
-            ("trl", "1x", [str(places.venvs / ANCHOR_VENV[stage] / "bin" / "python"), str(anchors / f"trl_{stage}.py")]),
-            ("ceiling", "1x", [trl116, str(anchors / "torch_ceiling.py"), "--stage", stage])]
+            ("trl", "1x", [str(places.venvs / ANCHOR_VENV[stage] / "bin" / "python"), str(ANCHOR_DIR / f"trl_{stage}.py")]),
+            ("ceiling", "1x", [trl116, str(ANCHOR_DIR / "torch_ceiling.py"), "--stage", stage])]
     if not skip_double:
         runs.append(("rlhf", "2x-length", [*ours, "--double"]))
     return runs
@@ -317,21 +318,29 @@ def headline(stage: str, result: dict) -> str:
             + (f", other CPU {frac:.3f}" if frac is not None else ""))
 
 
-def run_all(places: Places, stages: list[str], rounds: int, skip_double: bool, results_path: Path,
-            double_rounds: int | None = None) -> list[dict]:
-    """peak_flops.py once, then ``rounds`` rounds of every stage's runs; each line saved as it comes.
+def run_plan(places: Places, stages: list[str], rounds: int, skip_double: bool,
+             double_rounds: int | None = None) -> list[tuple[int, str, str, str, list[str]]]:
+    """(round, stage, impl, variant, argv) of every run, in order: peak_flops.py once (round 0),
+    then ``rounds`` rounds of every stage's runs.
 
     The 2x-length runs (a scaling row, the slowest runs) take part in the first ``double_rounds``
     rounds only (None: all).
     """
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text("")
     plan = [(0, "peak", "peak", "1x", [str(places.venvs / "trl116" / "bin" / "python"),
-                                         str(places.shared / "anchors" / "peak_flops.py")])]
+                                         str(ANCHOR_DIR / "peak_flops.py")])]
     for round_index in range(1, rounds + 1):
         for stage in stages:
             no_double = skip_double or (double_rounds is not None and round_index > double_rounds)
             plan += [(round_index, stage, impl, variant, argv) for impl, variant, argv in commands(places, stage, no_double)]
+    return plan
+
+
+def run_all(places: Places, stages: list[str], rounds: int, skip_double: bool, results_path: Path,
+            double_rounds: int | None = None) -> list[dict]:
+    """Every run of ``run_plan``, one after another; each result line saved as it comes."""
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text("")
+    plan = run_plan(places, stages, rounds, skip_double, double_rounds)
     lines = []
     for index, (round_index, stage, impl, variant, argv) in enumerate(plan, 1):
         started = time.perf_counter()
@@ -393,15 +402,21 @@ Written by `benchmarks/compare.py` (`make bench`); overwritten by each run. Raw 
 ```
 
 ## What is measured
-The shared workload of `../shared/bench` (WORKLOAD.md, checked against its MANIFEST.json by
-every run): GPT-2 6 layers × 384, random init; SFT 512 rows, batch 8, max length 256; RM 256
-pairs, batch 8 pairs; PPO 128 episodes of 32 prompt + 32 sampled tokens (temperature 0.7),
-rollout 16, 2 minibatches of 8, 1 PPO epoch, policy + reference + reward + value model. AdamW lr
-5e-5 constant, clip 1.0, seed 0, 1 epoch, no evaluation or saving. The optimizer implementation is
-the anchor's: torch's default AdamW for SFT and RM (WORKLOAD.md; the TRL anchors pass
-`optim=adamw_torch`), the fused kernel for PPO, which TRL's PPO anchor runs (it sets no `optim`, so
-transformers' default `adamw_torch_fused`); every JSON line records its `optim`. The 2x-length variant doubles
-every text (`text + " " + text`; PPO prompts doubled and 64 new tokens) at max length 512.
+The benchmark workload ([docs/benchmark.md](docs/benchmark.md); `make bench-setup` generates it
+with `benchmarks/workload.py`, and every run checks its bytes against its MANIFEST.json and the
+published hashes in `benchmarks/workload.sha256`): GPT-2 6 layers × 384, random init; SFT 512
+rows, batch 8, max length 256; RM 256 pairs, batch 8 pairs; PPO 128 episodes of 32 prompt + 32
+sampled tokens (temperature 0.7), rollout 16, 2 minibatches of 8, 1 PPO epoch, policy, reference,
+reward and value model. AdamW lr 5e-5 constant, clip 1.0, seed 0, 1 epoch, no evaluation or
+saving. The anchors are `benchmarks/anchors/`: `trl_sft.py` and `trl_rm.py` (TRL 1.16.0),
+`trl_ppo.py` (TRL 0.29.1, the last release with a PPOTrainer), `torch_ceiling.py` (plain torch)
+and `peak_flops.py`, each in a venv of its own pinned by `benchmarks/anchors/requirements-*.txt`
+(the versions that really ran are listed below). The optimizer implementation is the anchor's:
+torch's default AdamW for SFT and RM (the TRL anchors pass `optim=adamw_torch`), the fused kernel
+for PPO, which TRL's PPO anchor runs (it sets no `optim`, so transformers' default
+`adamw_torch_fused`); the ceiling uses torch's multi-tensor (`foreach`) AdamW; every JSON line
+records its `optim`. The 2x-length variant doubles every text (`text + " " + text`; PPO prompts
+doubled and 64 new tokens) at max length 512.
 
 Throughput is real (non-pad) tokens/s for SFT, pairs/s for RM, episodes/s for PPO (the
 ratios compare these), over the training only: ours from the library's own `train_runtime_s` (first step to the end of the
@@ -417,7 +432,7 @@ Useful arithmetic, the same count for every implementation (N = non-embedding pa
   reference, reward and value forwards 4 × 2N·L, policy and value training 2 × 6N·L:
   **22·N·L** (with one PPO epoch). TRL takes its rollout logprobs from generation, and so do we
   with `ppo.logprobs_from_generation` (our JSON line gives the value used): 20·N·L of real work.
-Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `peak_flops.py` measures
+Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `benchmarks/anchors/peak_flops.py` measures
 (best per-size median, {threads} threads).
 
 ## Where our runs differ from the anchors' work
@@ -504,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                         common.REPO_ROOT / "benchmarks" / "results" / "latest.jsonl", args.double_rounds)
     except BenchError as error:
         print(error, file=sys.stderr)
-        return 2 if "setup.sh" in str(error) else 1
+        return 2 if isinstance(error, SetupMissing) else 1
     summary = summarize(lines, non_embedding_params(places.workload / "model"))
     (common.REPO_ROOT / "BENCHMARKS.md").write_text(benchmarks_md(summary, lines, args.rounds, args.stages, started),
                                                     encoding="utf-8")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Our PPOTrainer on the shared benchmark workload, with the anchors' settings (WORKLOAD.md).
+"""Our PPOTrainer on the benchmark workload, with the anchors' settings (docs/benchmark.md).
 
     python benchmarks/ppo.py [--double] [--config benchmarks/configs/ppo.yaml] [key=value ...]
 
@@ -13,7 +13,7 @@ starts from it (``critic.init: reward``). The run goes through the library entry
 ``train_runtime_s`` (metrics.jsonl).
 
 Our sampler stops a response at its first EOS (the rest is padding) and stops a batch early
-once every response has ended; WORKLOAD.md asks for no early stop. With the random workload
+once every response has ended; the workload asks for no early stop. With the random workload
 model EOS is rare: ``generated_tokens`` against ``generated_tokens_max`` shows how often it happened.
 
 ``--double``: the scaling row, every prompt written twice (``text + " " + text``) and 64 new

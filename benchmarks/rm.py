@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Our RewardTrainer on the shared benchmark workload, with the anchors' settings (WORKLOAD.md).
+"""Our RewardTrainer on the benchmark workload, with the anchors' settings (docs/benchmark.md).
 
     python benchmarks/rm.py [--double] [--config benchmarks/configs/rm.yaml] [key=value ...]
 

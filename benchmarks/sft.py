@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Our SFTTrainer on the shared benchmark workload, with the anchors' settings (WORKLOAD.md).
+"""Our SFTTrainer on the benchmark workload, with the anchors' settings (docs/benchmark.md).
 
     python benchmarks/sft.py [--double] [--config benchmarks/configs/sft.yaml] [key=value ...]
 

@@ -60,6 +60,26 @@ class ArchitectureConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) through peft: the backbone stays frozen and only the adapters
+    (and a scalar head) train. Needs ``pip install 'rlhf[peft]'``."""
+
+    rank: int = param(16, help="rank r of each adapter's two matrices", min=1)
+    alpha: float = param(32.0, help="scaling numerator: the adapter's update is multiplied by alpha / rank", min=0.0,
+                         min_exclusive=True)
+    dropout: float = param(0.0, help=(
+        "dropout on the adapters' input; PPO needs 0 (train- and eval-mode forwards must agree, docs/ppo.md#35)"),
+        min=0.0, max=1.0)
+    target_modules: list[str] | None = param(None, help=(
+        "module names (or name suffixes) that get adapters; null: every linear layer of the transformer blocks "
+        "(peft's 'all-linear': attention and MLP projections, never the output head), for any architecture"))
+    save_merged: bool = param(True, help=(
+        "final/ holds the adapters merged into a full checkpoint that plain transformers loads, plus the adapter "
+        "alone in final/adapter/; false: final/ is the adapter alone (peft format), which the next stage merges "
+        "into its base when it loads it"))
+
+
+@dataclass
 class ModelConfig:
     """The shared GPT backbone: a Hugging Face causal LM, or a fresh GPT-2 from ``from_config``."""
 
@@ -68,10 +88,13 @@ class ModelConfig:
     tokenizer: str | None = param(None, help="tokenizer hub name or directory (default: name_or_path)")
     trust_remote_code: bool = param(False, help="run model code shipped with a hub checkpoint (off: it is arbitrary code)")
     revision: str | None = param(None, help="hub revision (branch, tag or commit) to load")
-    disable_dropout: bool = param(True, help="set every dropout probability to 0 (RLHF practice; see PPO-NOTES 35)")
+    disable_dropout: bool = param(True, help="set every dropout probability to 0 (RLHF practice, docs/ppo.md#35)")
     fused_gelu: bool = param(True, help=(
         "run GPT-2's python tanh GELU ('gelu_new') as torch's fused kernel: the same function up to float "
         "rounding, faster and lighter (measured on CPU); the saved config is not changed"))
+    lora: LoraConfig | None = param(None, help=(
+        "train low-rank adapters instead of every weight (null: full fine-tuning); the reward model also trains "
+        "its scalar head"))
 
 
 @dataclass
@@ -109,6 +132,10 @@ class TrainingConfig:
     adam_beta1: float = param(0.9, help="AdamW beta1", min=0.0, max=1.0)
     adam_beta2: float = param(0.999, help="AdamW beta2", min=0.0, max=1.0)
     adam_eps: float = param(1e-8, help="AdamW epsilon", min=0.0, min_exclusive=True)
+    gradient_checkpointing: bool = param(False, help=(
+        "recompute each transformer block's activations in the backward pass instead of keeping them (torch's "
+        "non-reentrant checkpointing): much less activation memory for about a third more compute; the same "
+        "gradients. PPO: the trained models only"))
     fused_optimizer: bool = param(True, help=(
         "use torch's fused AdamW kernel where the device has one (CPU, CUDA): the same update up to float rounding, "
         "several times faster on CPU; false: torch's default AdamW"))
@@ -193,7 +220,7 @@ class PreferenceDataConfig:
 
 @dataclass
 class NormalizationConfig:
-    """Centring (and scaling) the trained reward so the reference responses score mean 0 (PPO-NOTES item 6)."""
+    """Centring (and scaling) the trained reward so the reference responses score mean 0 (docs/ppo.md#6)."""
 
     set: str = param("eval", help=(
         "eval: the eval prompts with their chosen responses; train: same on the training data; "
@@ -212,7 +239,7 @@ class RewardConfig:
                                help="backbone to start from (default: the SFT stage's final/); the scalar head is new "
                                "unless head_init is keep")
     head_init: Literal["normal", "keep"] = param("normal", help=(
-        "normal: a new scalar head, N(0, 1/sqrt(d+1)) (PPO-NOTES 3); keep: the trained head of model.name_or_path, "
+        "normal: a new scalar head, N(0, 1/sqrt(d+1)) (docs/ppo.md#3); keep: the trained head of model.name_or_path, "
         "which must then be a reward model (a one-label sequence-classification checkpoint): continue training it"))
     data: PreferenceDataConfig = param(default_factory=PreferenceDataConfig, help="comparisons")
     training: TrainingConfig = param(default_factory=TrainingConfig, help=(
@@ -252,6 +279,10 @@ class RewardConfig:
                             "data.eval_fraction > 0, or use normalization.set=train")
         if self.normalization.scale and norm_set == "none":
             problems.append("normalization.scale: true needs a normalization.set other than none")
+        if self.prefix_sharing and self.training.gradient_checkpointing:
+            problems.append("prefix_sharing: the responses attend to their prompt's key/value cache, which "
+                            "gradient checkpointing does not keep; set prefix_sharing=false to use "
+                            "training.gradient_checkpointing")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -305,12 +336,7 @@ def load_config(config_class: type, path: str | None = None, overrides: list[str
         path: YAML file; None starts from the defaults.
         overrides: dotted assignments, each value parsed as YAML then checked against the field's type.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(path)
-    for override in overrides or []:
-        apply_override(raw, override)
-    config = from_dict(config_class, raw, source=path or "config")
+    config = resolve_config(config_class, path, overrides)
     config.validate()
     return config
 
@@ -392,6 +418,10 @@ def coerce(expected: Any, value: Any, source: str, key: str) -> Any:
             raise UserError(f"{source}: {key}: expected a mapping, got null")
         return from_dict(expected, value, source, key + ".")
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads a bare no/off/yes/on as a boolean: `mixed_precision: no` means the choice 'no'.
+            spellings = ("no", "off", "false") if value is False else ("yes", "on", "true")
+            value = next((a for a in args if a in spellings), value)
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -457,10 +487,10 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str) -> None:
-    """Write the fully resolved config; ``rlhf <stage> --config path`` re-launches the same run."""
+    """Write the fully resolved config, commented; ``rlhf <stage> --config path`` re-launches the same run."""
     tmp_path = f"{path}.tmp"
     with open(tmp_path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(to_dict(config), handle, sort_keys=False, allow_unicode=True)
+        handle.write(to_commented_yaml(config, header=f"The resolved {type(config).__name__} of this run."))
     os.replace(tmp_path, path)
 
 
@@ -495,26 +525,36 @@ class CriticConfig:
     init: Literal["reward", "policy"] = param(
         "reward", help="reward: start from the reward model (default); policy: the SFT policy with a zero head")
     name_or_path: str | None = param(None, help="initialise from this checkpoint instead (a reward-model final/)")
+    lora: LoraConfig | None = param(None, help=(
+        "train adapters (and a copy of the scalar head) instead of every weight; started from the reward model, "
+        "the critic then shares the reward model's weights: the reward is the same model with the adapters off"))
 
 
 @dataclass
 class PromptDataConfig:
-    """Prompts for rollouts: ``{prompt}`` or ``{messages}`` rows."""
+    """Prompts for rollouts: ``{prompt}`` rows, ``{messages}`` chats, or HH-style conversations."""
 
     path: str = param("", help="hub dataset name, or a local .json/.jsonl/.csv/.parquet file or directory")
     split: str = param("train", help="split to read from path")
     columns: dict[str, str] = param(default_factory=dict, help="map from our column names to the dataset's")
+    format: Literal["auto", "prompt", "messages", "conversation"] = param("auto", help=(
+        "prompt: {prompt} texts; messages: {messages} chats (chat template + generation prompt); conversation: "
+        "{chosen[, rejected]} whole conversations (preference data such as Anthropic HH), the prompt being the "
+        "conversation up to and including its last assistant_marker, as the reward model splits it; auto picks "
+        "from the columns present"))
+    assistant_marker: str = param("\n\nAssistant:", help=(
+        "conversation format: the turn marker the prompt ends with (the policy writes the assistant's answer)"))
     max_prompt_length: int = param(64, help="prompts longer than this many tokens are skipped (counted)", min=1)
     max_samples: int | None = param(None, help="use only the first N prompts", min=1)
 
 
 @dataclass
 class SamplingConfig:
-    """How the policy samples responses during rollouts (PPO-NOTES 9–14)."""
+    """How the policy samples responses during rollouts (docs/ppo.md#9 to #14)."""
 
     max_new_tokens: int = param(32, help="response length limit in tokens", min=1)
     temperature: float = param(0.7, help="sampling temperature; logprobs everywhere use the same one", min=0.0, min_exclusive=True)
-    top_k: int = param(0, help="0 = off; anything else changes the behaviour distribution (PPO-NOTES 9)", min=0)
+    top_k: int = param(0, help="0 = off; anything else changes the behaviour distribution (docs/ppo.md#9)", min=0)
     top_p: float = param(1.0, help="1.0 = off", min=0.0, max=1.0, min_exclusive=True)
     missing_eos_penalty: float | None = param(
         1.0, help="subtracted from the score of a response that never emits EOS (null: none)")
@@ -522,7 +562,7 @@ class SamplingConfig:
 
 @dataclass
 class PPOHyperparameters:
-    """The algorithm's knobs (defaults: PPO-NOTES §5, after N+/TRL)."""
+    """The algorithm's knobs (defaults: docs/ppo.md#defaults, after N+/TRL)."""
 
     rollout_batch_size: int = param(64, help="episodes sampled per PPO step", min=1)
     forward_batch_size: int = param(16, help="episodes per generation / scoring forward (memory knob only)", min=1)
@@ -535,7 +575,7 @@ class PPOHyperparameters:
     vf_coef: float = param(0.1, help="value loss coefficient c_v", min=0.0)
     entropy_coef: float = param(0.0, help="entropy bonus coefficient (0 in the references; logged anyway)", min=0.0)
     kl_coef: float = param(0.05, help="β: per-token KL penalty in the reward (initial value when adaptive)", min=0.0)
-    kl_estimator: Literal["k1", "k2", "k3"] = param("k1", help="per-token KL estimator in the reward (PPO-NOTES 18)")
+    kl_estimator: Literal["k1", "k2", "k3"] = param("k1", help="per-token KL estimator in the reward (docs/ppo.md#18)")
     adaptive_kl: bool = param(False, help="adapt β with the proportional controller of Ziegler et al.")
     target_kl: float = param(6.0, help="target summed KL per sequence for the adaptive controller", min=0.0, min_exclusive=True)
     kl_horizon: int = param(10000, help="controller horizon in episodes", min=1)
@@ -543,7 +583,7 @@ class PPOHyperparameters:
     logprobs_from_generation: bool | None = param(None, help=(
         "take rollout logprobs from sampling instead of a second policy forward (needs top_k=0, top_p=1); "
         "default (null): from sampling when top_k=0, top_p=1 and training runs in fp32, where the two agree to "
-        "float rounding (PPO-NOTES 37), else a forward under the training precision"))
+        "float rounding (docs/ppo.md#37), else a forward under the training precision"))
     ptx_coef: float = param(0.0, help="γ_ptx: weight of the pretraining/SFT NLL term (PPO-ptx, InstructGPT)", min=0.0)
     ptx_data: str | None = param(None, help="SFT-format data file for the ptx term")
     ptx_batch_size: int = param(8, help="ptx examples per minibatch", min=1)
@@ -590,12 +630,16 @@ class PPOConfig:
                 problems.append(f"training.batch_size: the minibatch of {minibatch} episodes is not divisible by "
                                 f"batch_size={self.training.batch_size}")
         if ppo.logprobs_from_generation and (self.sampling.top_k or self.sampling.top_p < 1.0):
-            problems.append("ppo.logprobs_from_generation: only valid with top_k=0 and top_p=1 (PPO-NOTES 37)")
+            problems.append("ppo.logprobs_from_generation: only valid with top_k=0 and top_p=1 (docs/ppo.md#37)")
         if ppo.ptx_coef > 0 and not ppo.ptx_data:
             problems.append("ppo.ptx_data: required when ppo.ptx_coef > 0")
         if self.training.gradient_accumulation_steps != 1:
             problems.append("training.gradient_accumulation_steps: PPO derives accumulation from "
                             "ppo.num_minibatches and training.batch_size; leave it at 1")
+        for key, lora in (("policy.lora", self.policy.lora), ("critic.lora", self.critic.lora)):
+            if lora is not None and lora.dropout > 0:
+                problems.append(f"{key}.dropout: {lora.dropout} makes train- and eval-mode forwards differ, so the "
+                                "first PPO ratio is not 1 (docs/ppo.md#35); use 0")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -678,3 +722,139 @@ class PipelineConfig:
                 problems.append(f"{key}: '{spec}' is not of the form module:function")
         if problems:
             raise UserError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- documentation: --help, --print-config
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as the command line documents it."""
+
+    key: str              # dotted, e.g. "training.lr"
+    type: str             # "float", "str or null", "one of cosine | linear | constant", "block"
+    value: Any            # the value in the documented config (a default, or a resolved value)
+    help: str
+    is_block: bool        # a nested block (its keys follow it)
+    summary: str | None   # for a block documented elsewhere: where (the pipeline's stage blocks)
+
+
+def block_class(expected: Any) -> type | None:
+    """The dataclass of a block field (``ArchitectureConfig | None`` -> ``ArchitectureConfig``), else None."""
+    options = [a for a in typing.get_args(expected) if a is not type(None)] or [expected]
+    return next((a for a in options if dataclasses.is_dataclass(a)), None)
+
+
+def type_text(expected: Any) -> str:
+    """How ``--help`` names a field's type: 'int', 'str or null', 'one of a | b', 'list of str'..."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        options = [type_text(a) for a in args if a is not type(None)]
+        return " or ".join(options) + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + " | ".join(map(str, args))
+    if origin is list:
+        return f"list of {type_text(args[0])}"
+    if origin is dict:
+        return f"mapping of {type_text(args[0])} to {type_text(args[1])}"
+    if dataclasses.is_dataclass(expected):
+        return "block"
+    return getattr(expected, "__name__", str(expected))
+
+
+def key_docs(config: Any, prefix: str = "", summarized: dict[str, str] | None = None) -> list[KeyDoc]:
+    """Every key of ``config`` (a config dataclass instance) in declaration order, blocks before their keys.
+
+    An optional block that is null (``model.from_config``) is documented with its class's defaults,
+    so every key can be found. ``summarized`` maps a top-level block name to a line that stands for
+    its keys (the pipeline's ``sft``/``rm``/``ppo`` blocks are documented by each stage's --help).
+    """
+    docs = []
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        key, value, expected = f"{prefix}{f.name}", getattr(config, f.name), hints[f.name]
+        nested = block_class(expected)
+        summary = (summarized or {}).get(key)
+        docs.append(KeyDoc(key, type_text(expected), value, f.metadata.get("help", ""), nested is not None, summary))
+        if nested is not None and summary is None:
+            docs += key_docs(value if value is not None else nested(), key + ".")
+    return docs
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML that reads back to the same value (flow style for lists and mappings)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
+    text = text.removesuffix("\n").removesuffix("\n...")
+    if "\n" in text:  # a string with line breaks: a JSON string is a one-line YAML double-quoted scalar
+        import json
+
+        return json.dumps(value, ensure_ascii=False)
+    return text
+
+
+def key_help(config_class: type, summarized: dict[str, str] | None = None) -> str:
+    """The config keys of ``config_class`` for ``rlhf <stage> --help``: grouped by block, each with its
+    type, default and help."""
+    import shutil
+    import textwrap
+
+    width = min(shutil.get_terminal_size((100, 24)).columns, 110)
+    lines = ["config keys (YAML blocks; override any one as key.sub=value; --print-config writes them all "
+             "as commented YAML):"]
+    for doc in key_docs(config_class(), summarized=summarized):
+        indent = "  " * doc.key.count(".")
+        if doc.is_block:
+            value = "" if doc.value is not None else ", default: null"
+            lines += ["", f"{indent}{doc.key}: {doc.help} ({doc.type}{value})"]
+            if doc.summary:
+                lines.append(f"{indent}    {doc.summary}")
+            continue
+        lines.append(f"{indent}{doc.key}  ({doc.type}, default: {yaml_value(doc.value)})")
+        lines += textwrap.wrap(doc.help, width=width, initial_indent=indent + "    ", subsequent_indent=indent + "    ")
+    return "\n".join(lines)
+
+
+def to_commented_yaml(config: Any, header: str = "") -> str:
+    """The whole config as YAML, every key preceded by its help and type as a comment.
+
+    ``yaml.safe_load`` of the text, read through the config class, gives ``config`` back
+    (tested). A null optional block (``model.from_config``) is followed by its keys at their
+    defaults, commented out, so a user sees what it takes.
+    """
+    import textwrap
+
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+
+    def comment(text: str, indent: str) -> list[str]:
+        return textwrap.wrap(text, width=100, initial_indent=indent + "# ", subsequent_indent=indent + "# ")
+
+    def emit(block: Any, depth: int) -> None:
+        indent = "  " * depth
+        hints = typing.get_type_hints(type(block))
+        for f in dataclasses.fields(block):
+            value, expected = getattr(block, f.name), hints[f.name]
+            nested = block_class(expected)
+            if depth == 0 and lines:
+                lines.append("")
+            lines.extend(comment(f"{f.metadata.get('help', '')} [{type_text(expected)}]", indent))
+            if nested is not None and value is not None:
+                lines.append(f"{indent}{f.name}:")
+                emit(value, depth + 1)
+            elif nested is not None:  # a null optional block: show what it would take
+                lines.append(f"{indent}{f.name}: null")
+                lines.append(f"{indent}# {f.name}:")
+                lines.extend(f"{indent}#   {doc.key}: {yaml_value(doc.value)}"
+                             for doc in key_docs(nested()) if not doc.is_block)
+            else:
+                lines.append(f"{indent}{f.name}: {yaml_value(value)}")
+
+    emit(config, 0)
+    return "\n".join(lines) + "\n"
+
+
+def resolve_config(config_class: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """``config_class`` from the YAML at ``path`` (None: the defaults) with ``overrides`` applied and every
+    key and type checked, but without ``validate()``'s cross-field checks (``load_config`` adds them)."""
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for override in overrides or []:
+        apply_override(raw, override)
+    return from_dict(config_class, raw, source=path or "config")

@@ -313,24 +313,50 @@ def collate_sft(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
 
 # ----------------------------------------------------------------------------- prompts (PPO)
 
-def tokenize_prompts(table, tokenizer, max_prompt_length: int, path: str) -> tuple[list[str], list[list[int]]]:
-    """Prompt texts and token ids from ``{prompt}`` or ``{messages}`` rows; too-long prompts are counted and skipped.
+# The column each prompt format reads, in the order ``format: auto`` tries them.
+PROMPT_FORMAT_COLUMNS = {"prompt": "prompt", "messages": "messages", "conversation": "chosen"}
+
+
+def detect_prompt_format(table, requested: str, path: str) -> str:
+    """The prompt format: ``requested``, checked against the columns, or picked from them when 'auto'."""
+    names = table.column_names
+    if requested != "auto":
+        require_columns(table, [PROMPT_FORMAT_COLUMNS[requested]], path, f"format '{requested}'")
+        return requested
+    for data_format, column in PROMPT_FORMAT_COLUMNS.items():
+        if column in names:
+            return data_format
+    raise UserError(f"data: prompts need a 'prompt', 'messages' or 'chosen' (conversation) column, not found in "
+                    f"'{path}'; it has {quote(names)} (map yours with data.columns)")
+
+
+def tokenize_prompts(table, tokenizer, max_prompt_length: int, path: str, data_format: str = "auto",
+                     assistant_marker: str = "\n\nAssistant:") -> tuple[list[str], list[list[int]]]:
+    """Prompt texts and token ids of ``table``'s rows; too-long prompts are counted and skipped.
 
     A ``messages`` row is rendered with the chat template and the generation prompt, so the
-    policy answers as the assistant.
+    policy answers as the assistant; a conversation is cut after its last ``assistant_marker``
+    (``rlhf.preference.conversation_prompt``), so the policy writes that turn.
     """
-    if "prompt" in table.column_names:
+    data_format = detect_prompt_format(table, data_format, path)
+    if data_format == "prompt":
         texts = [check_text(row, "prompt", i, path) for i, row in enumerate(table)]
-    elif "messages" in table.column_names:
+    elif data_format == "messages":
         ensure_chat_template(tokenizer)
         texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
                  for row in table]
     else:
-        raise UserError(f"data: prompts need a 'prompt' or 'messages' column, not found in '{path}'; it has "
-                        f"{quote(table.column_names)} (map yours with data.columns)")
+        from rlhf.preference import conversation_prompt  # preference.py builds on this module
+
+        texts = [conversation_prompt(row, i, path, assistant_marker) for i, row in enumerate(table)]
+        unanswerable = sum(text is None for text in texts)
+        if unanswerable:
+            logger.warning("%s: skipped %d of %d conversations without an '%s' turn to answer", path, unanswerable,
+                           len(texts), assistant_marker.strip())
+        texts = [text for text in texts if text is not None]
     kept_texts, kept_ids = [], []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens="messages" not in table.column_names)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=data_format != "messages")["input_ids"]
         if 0 < len(ids) <= max_prompt_length:
             kept_texts.append(text)
             kept_ids.append(ids)

@@ -2,7 +2,7 @@
 
 No state, no config objects: every function takes tensors and floats and returns tensors
 (or plain Python values where noted). Symbols follow the papers (gamma, lam, ε as
-``clip_eps``) and the formulas of ``PPO-NOTES.md`` §2.
+``clip_eps``) and the formulas of ``docs/ppo.md#formulas``.
 
 Conventions shared by every function:
 
@@ -27,6 +27,8 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "masked_moments",
+    "whiten_from_moments",
     "logprobs_from_logits",
     "entropy_from_logits",
     "kl_k1",
@@ -90,7 +92,7 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None)
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``values`` over positions where ``mask`` is 1; 0 where nothing is masked in.
 
-    This is the token-level average of N+/TRL/DSC (PPO-NOTES item 39): every valid token of
+    This is the token-level average of N+/TRL/DSC (docs/ppo.md#39): every valid token of
     the minibatch weighs the same, whatever sequence it belongs to.
 
     Args:
@@ -111,7 +113,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False)
     """Variance of ``values`` over all positions where ``mask`` is 1 (a scalar).
 
     Biased (divide by n) by default, like LHP and N+ (TF `moments`); TRL 0.29 uses Bessel's
-    correction (PPO-NOTES item 23), available as ``unbiased=True`` (divide by n − 1).
+    correction (docs/ppo.md#23), available as ``unbiased=True`` (divide by n − 1).
     With too few elements (n = 0, or n = 1 when unbiased) the result is 0 rather than NaN,
     so a whitening over a single token yields 0 instead of poisoning the batch.
 
@@ -140,9 +142,9 @@ def masked_whiten(
 ) -> torch.Tensor:
     """Normalise ``values`` to masked mean 0 and variance 1; 0 at masked positions.
 
-    Â = (x − μ)/√(σ² + eps) with μ, σ² taken over all masked-in elements (PPO-NOTES §2,
-    item 23). ``shift_mean=False`` adds μ back, so only the scale changes: LHP's reward
-    whitening for the books tasks (item 21).
+    Â = (x − μ)/√(σ² + eps) with μ, σ² taken over all masked-in elements (docs/ppo.md#formulas,
+    docs/ppo.md#23). ``shift_mean=False`` adds μ back, so only the scale changes: LHP's reward
+    whitening for the books tasks (docs/ppo.md#21).
 
     Args:
         values: any shape, e.g. advantages (B, T).
@@ -163,6 +165,39 @@ def masked_whiten(
     return _zero_where_masked(whitened, mask)
 
 
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of the masked-in ``values``, in float64.
+
+    Moments add up: summed over the shards of a batch (e.g. ``all_reduce`` over processes) they are
+    the moments of the whole batch, which ``whiten_from_moments`` turns into its whitening.
+
+    Args:
+        values: any shape, e.g. (B, T).
+        mask: same shape, 0/1 or bool.
+    Returns:
+        (3,) float64 tensor.
+    """
+    kept = _zero_where_masked(values.double(), mask)
+    return torch.stack([mask.bool().sum().double(), kept.sum(), kept.square().sum()])
+
+
+def whiten_from_moments(values: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor,
+                        eps: float = 1e-8) -> torch.Tensor:
+    """``values`` whitened with the mean and (biased) variance of ``moments`` (from ``masked_moments``,
+    possibly summed over shards); 0 at masked positions. On the moments of ``values`` alone this is
+    ``masked_whiten`` up to float rounding (the variance is E[x²] − E[x]², in float64).
+
+    Returns:
+        Tensor of the shape and (at least float32) dtype of ``values``.
+    """
+    count, total, total_sq = moments.tolist()
+    count = max(count, 1.0)
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0)
+    values = _upcast(values)
+    return _zero_where_masked((values - mean) * (var + eps) ** -0.5, mask)
+
+
 # --------------------------------------------------------------------------------------
 # Log-probabilities and entropy
 # --------------------------------------------------------------------------------------
@@ -172,7 +207,7 @@ def _scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     # Divide by the sampling temperature wherever logprobs are computed, or the ratio
-    # compares different distributions (PPO-NOTES item 10). fp32 log-softmax: item 38.
+    # compares different distributions (docs/ppo.md#10). fp32 log-softmax: docs/ppo.md#38.
     return _upcast(logits) / temperature
 
 
@@ -187,7 +222,7 @@ def logprobs_from_logits(
     Args:
         logits: (B, T, V), already aligned so that ``logits[:, t]`` predicts ``tokens[:, t]``.
         tokens: (B, T) long token ids, each in [0, V); overwrite pad ids that are outside
-            the vocabulary before calling (PPO-NOTES item 42).
+            the vocabulary before calling (docs/ppo.md#42).
         temperature: τ > 0, the one used for sampling.
 
     Returns:
@@ -201,7 +236,7 @@ def logprobs_from_logits(
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) at every position.
 
-    H_t = logsumexp(z_t) − Σ_v softmax(z_t)_v · z_{t,v} (PPO-NOTES §2, Diagnostics), equal to
+    H_t = logsumexp(z_t) − Σ_v softmax(z_t)_v · z_{t,v} (docs/ppo.md#formulas, Diagnostics), equal to
     ``torch.distributions.Categorical(logits=z).entropy()``.
 
     Args:
@@ -217,7 +252,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
 
 # --------------------------------------------------------------------------------------
-# KL estimators (Schulman, "Approximating KL divergence"; PPO-NOTES item 18, §2, §4 item 6)
+# KL estimators (Schulman, "Approximating KL divergence"; docs/ppo.md#18, docs/ppo.md#oracle-6)
 # All estimate KL(π ‖ π_ref) per token from tokens sampled from π.
 # --------------------------------------------------------------------------------------
 
@@ -274,7 +309,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     """Per-token KL(π ‖ π_ref) estimate with the named estimator.
 
     Use "k1" when the KL goes into the reward (the default of every reference); "k2"/"k3"
-    when it is a loss term, since ∇k1 is zero in expectation (PPO-NOTES item 18).
+    when it is a loss term, since ∇k1 is zero in expectation (docs/ppo.md#18).
 
     Args:
         logprobs: (B, T) log π(a_t) of the sampled tokens.
@@ -306,14 +341,14 @@ def truncate_after_eos(
     Args:
         response_ids: (B, T) generated token ids.
         eos_token_id: id of the stop token.
-        pad_token_id: id written after it; should differ from ``eos_token_id`` (item 2).
+        pad_token_id: id written after it; should differ from ``eos_token_id`` (docs/ppo.md#2).
 
     Returns:
         truncated_ids: (B, T) same dtype as ``response_ids``.
         response_mask: (B, T) long, 1 up to and including the first EOS, or everywhere when
-            the row has no EOS (PPO-NOTES §2, m_t).
+            the row has no EOS (m_t of docs/ppo.md#formulas).
         ended: (B,) bool, whether the row contains an EOS; rows without one get the
-            missing-EOS penalty (item 14).
+            missing-EOS penalty (docs/ppo.md#14).
     """
     is_eos = response_ids == eos_token_id
     # A position is kept iff no EOS occurs strictly before it: exclusive cumsum == 0.
@@ -324,7 +359,7 @@ def truncate_after_eos(
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position with mask 1 in every row (t* of PPO-NOTES §2).
+    """Index of the last position with mask 1 in every row (t* of docs/ppo.md#formulas).
 
     Works for left and right padding alike. Rows with no 1 give 0.
 
@@ -343,8 +378,8 @@ def per_token_rewards(
 ) -> torch.Tensor:
     """Per-token rewards: −β·KL on every response token plus the score on the last one.
 
-    r_t = m_t·(−β·k_t) + s·𝟙[t = t*] (PPO-NOTES §2, item 17). The score goes on t*, the last
-    valid token (the EOS when there is one), not on t*+1 as in N+/TRL/DSC (item 40), so the
+    r_t = m_t·(−β·k_t) + s·𝟙[t = t*] (docs/ppo.md#formulas, docs/ppo.md#17). The score goes on t*, the last
+    valid token (the EOS when there is one), not on t*+1 as in N+/TRL/DSC (docs/ppo.md#40), so the
     advantage at the EOS sees the score directly and no value read at a pad matters.
 
     Args:
@@ -365,7 +400,7 @@ def per_token_rewards(
 
 
 # --------------------------------------------------------------------------------------
-# Generalised advantage estimation (Schulman et al. 2016; PPO-NOTES §2, item 22–24)
+# Generalised advantage estimation (Schulman et al. 2016; docs/ppo.md#formulas, docs/ppo.md#22 to #24)
 # --------------------------------------------------------------------------------------
 
 
@@ -383,7 +418,7 @@ def gae_advantages(
     Every masked position is terminal: its V and A count as 0, so V beyond t* is 0 and the
     values and rewards written at pads (e.g. a critic's output at a pad token) never
     matter. G is computed here, before any advantage whitening, which the caller does
-    separately (item 24: the value target is not whitened).
+    separately (docs/ppo.md#24: the value target is not whitened).
 
     Args:
         rewards: (B, T) per-token rewards (see :func:`per_token_rewards`).
@@ -419,7 +454,7 @@ def gae_advantages(
 
 
 # --------------------------------------------------------------------------------------
-# PPO losses (Schulman et al. 2017; PPO-NOTES §2 Policy loss / Value loss)
+# PPO losses (Schulman et al. 2017; docs/ppo.md#formulas, policy and value loss)
 # --------------------------------------------------------------------------------------
 
 
@@ -446,7 +481,7 @@ def clipped_policy_loss(
         loss: scalar.
         stats: detached scalars ``clipfrac`` (share of tokens where the clipped term is
             strictly larger, i.e. the clip is active), ``approx_kl`` (½·mean (log π_θ − ℓ)²,
-            item 34) and ``ratio_mean``.
+            docs/ppo.md#34) and ``ratio_mean``.
     """
     mask = response_mask.bool()
     # Mask the log-ratio *before* exp: garbage at pads could make exp = inf, and inf * 0 in
@@ -532,7 +567,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 # --------------------------------------------------------------------------------------
-# Reward model (pairwise preferences; PPO-NOTES items 5, 8, §4 item 8)
+# Reward model (pairwise preferences; docs/ppo.md#5, docs/ppo.md#8, docs/ppo.md#oracle-8)
 # --------------------------------------------------------------------------------------
 
 
@@ -632,7 +667,7 @@ def ranking_to_pairs(num_responses: int, ranking: Sequence[int]) -> list[tuple[i
 
 
 def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """Share of pairs with r_c > r_r, strictly (ties count as wrong; PPO-NOTES item 8).
+    """Share of pairs with r_c > r_r, strictly (ties count as wrong; docs/ppo.md#8).
 
     Args:
         chosen_rewards: (P,) scores of the preferred responses.
@@ -645,7 +680,7 @@ def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
 
 
 # --------------------------------------------------------------------------------------
-# KL coefficient controller (Ziegler et al. 2019, §2.2; PPO-NOTES item 20)
+# KL coefficient controller (Ziegler et al. 2019, §2.2; docs/ppo.md#20)
 # --------------------------------------------------------------------------------------
 
 
@@ -682,7 +717,7 @@ def exclusive_cumsum_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """position_ids = exclusive cumulative sum of the attention mask.
 
     The first real token of a left-padded row gets position 0, as in generation, so a
-    training forward matches the rollout (PPO-NOTES item 11; LHP `positions_for`).
+    training forward matches the rollout (docs/ppo.md#11; LHP `positions_for`).
 
     Args:
         attention_mask: (B, T), 1 on real tokens.

@@ -15,7 +15,7 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
     """Continue each prompt (token ids) and decode the continuation up to the first EOS.
 
     Prompts are left-padded; ``generate`` derives position ids from the attention mask itself
-    (passing them breaks generation, PPO-NOTES item 11).
+    (passing them breaks generation, docs/ppo.md#11).
     """
     was_training = model.training
     model.eval()
@@ -66,7 +66,7 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
 
     Rows stop at their first EOS (later tokens are ``pad_token_id``); the loop ends when every
     row has stopped or after ``max_new_tokens``. Position ids are the exclusive cumsum of the
-    mask, as in every other forward (PPO-NOTES 11). The logprobs are of the temperature-scaled
+    mask, as in every other forward (docs/ppo.md#11). The logprobs are of the temperature-scaled
     distribution *before* top-k/top-p, i.e. the same function the training forward computes.
 
     Args:

@@ -1,6 +1,6 @@
 """The whole pipeline: SFT -> (collect comparisons -> reward model -> PPO) × rounds -> evaluation -> report.
 
-Each stage reads the previous one's ``final/`` (DESIGN.md). A stage whose ``final/`` exists and
+Each stage reads the previous one's ``final/`` (docs/stages.md#chain). A stage whose ``final/`` exists and
 whose config is unchanged is skipped on re-launch; a stage with checkpoints but no ``final/``
 resumes; so a killed pipeline continues where it stopped.
 
@@ -24,14 +24,12 @@ import random
 import time
 
 import torch
-import yaml
 
-from rlhf.config import PipelineConfig, from_dict, to_dict
+from rlhf.config import ModelConfig, PipelineConfig, from_dict, read_yaml, save_config, to_dict
 from rlhf.data import load_table, pad_left, tokenize_prompts
 from rlhf.errors import UserError
 from rlhf.generation import sample_with_logprobs
 from rlhf.models import load_causal_lm
-from rlhf.config import ModelConfig
 from rlhf.trainers.ppo import PPOTrainer, load_reward_function
 from rlhf.trainers.reward import RewardTrainer
 from rlhf.trainers.sft import SFTTrainer
@@ -48,8 +46,7 @@ def run_pipeline(config: PipelineConfig) -> str:
         for stage in (config.sft, config.rm, config.ppo):
             stage.training.seed = config.seed
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "config.yaml"), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(to_dict(config), handle, sort_keys=False, allow_unicode=True)
+    save_config(config, os.path.join(root, "config.yaml"))
 
     timings = StageTimings(os.path.join(root, "timings.json"))
     # Stage 1: SFT. A stage that runs forces every later stage to run again (its input changed).
@@ -74,7 +71,7 @@ def run_pipeline(config: PipelineConfig) -> str:
                                                                  held_out=True, force=upstream_ran)
                 upstream_ran = record(collected or collected_eval) or upstream_ran
             comparison_files.append(new_file)
-        # Stage 2b: reward model on all comparisons so far: from the SFT model (DESIGN.md), or in later
+        # Stage 2b: reward model on all comparisons so far: from the SFT model (docs/stages.md#chain), or in later
         # rounds optionally continued from the previous round's reward model, trained head and all.
         rm = copy.deepcopy(config.rm)
         rm.output_dir = os.path.join(round_dir, "rm")
@@ -150,12 +147,10 @@ def run_stage(trainer_class, stage_config, force: bool) -> bool:
     final_dir = os.path.join(stage_config.output_dir, "final")
     saved = None
     if os.path.exists(saved_path):
-        with open(saved_path, encoding="utf-8") as handle:
-            saved = yaml.safe_load(handle)
         # Read back through the config class, so a key added since (at its default) is no change;
-        # a file this version cannot read counts as changed.
+        # a file this version cannot read (or a torn one) counts as changed.
         try:
-            saved = to_dict(from_dict(type(stage_config), saved, source=saved_path))
+            saved = to_dict(from_dict(type(stage_config), read_yaml(saved_path), source=saved_path))
         except UserError:
             saved = None
     current = to_dict(stage_config)

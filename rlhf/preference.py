@@ -11,13 +11,13 @@ Formats (``data.format``, or ``auto`` from the columns present; other names map 
 
 Tokens: prompt ids (``add_special_tokens=True``) + response ids + EOS, for every response, in
 training and in scoring alike (``encode_prompt`` / ``encode_response``). The score is read at
-that EOS (PPO-NOTES items 1–2), so a sequence is never truncated: one that would not fit in
+that EOS (docs/ppo.md#1, docs/ppo.md#2), so a sequence is never truncated: one that would not fit in
 ``max_length`` is dropped.
 
 One example per prompt: rows with the same prompt text are merged (``group_by_prompt``), each
 distinct response is tokenised once (and scored once per batch), and the prompt's pairs are
 averaged in the loss, so a prompt counts once however many responses it has (InstructGPT §3.5,
-PPO-NOTES item 5). An example is::
+docs/ppo.md#5). An example is::
 
     {"sequences": [[prompt + response_k + EOS] for each distinct response k],
      "prompt_length": len(prompt ids),
@@ -141,6 +141,20 @@ def split_conversation(chosen: str, rejected: str, assistant_marker: str = "\n\n
         while cut > 0 and shared[cut - 1].isspace():
             cut -= 1  # put the separating whitespace on the response side
     return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def conversation_prompt(row: dict, index: int, path: str, assistant_marker: str = "\n\nAssistant:") -> str | None:
+    """The prompt of an HH-style row for sampling: its ``chosen`` conversation up to and including the last
+    ``assistant_marker``; with a ``rejected`` conversation too, the prompt the reward model trains on
+    (``split_conversation``). None when there is no such turn left to answer.
+    """
+    chosen = check_text(row, "chosen", index, path)
+    rejected = row.get("rejected")
+    if isinstance(rejected, str) and rejected != chosen:
+        prompt = split_conversation(chosen, rejected, assistant_marker)[0]
+    else:
+        prompt = chosen[:chosen.rfind(assistant_marker) + len(assistant_marker)] if assistant_marker in chosen else ""
+    return prompt if assistant_marker and prompt.endswith(assistant_marker) else None
 
 
 # ----------------------------------------------------------------------------- rows -> comparisons

@@ -16,7 +16,8 @@ import torch
 from rlhf.config import ModelConfig
 from rlhf.data import check_text, load_table, pad_right, require_columns
 from rlhf.errors import UserError
-from rlhf.models import ScalarHeadModel, checkpoint_architectures, has_trained_head, load_scalar_model, load_tokenizer
+from rlhf.models import ScalarHeadModel, load_tokenizer
+from rlhf.models import load_reward_model as load_trained_reward_model
 from rlhf.models.backbone import context_size
 from rlhf.preference import encode_prompt, encode_response
 
@@ -31,11 +32,7 @@ def load_reward_model(path: str, device: str | torch.device | None = None) -> tu
     """
     model_config = ModelConfig(name_or_path=path)
     tokenizer = load_tokenizer(model_config)
-    model = load_scalar_model(model_config, tokenizer, head_init=None)
-    if not has_trained_head(model):
-        architectures = checkpoint_architectures(model)
-        raise UserError(f"model: '{path}' is not a reward model (its config lists {architectures or 'no'} "
-                        "architectures, so its score head would be random); train one with `rlhf rm`")
+    model = load_trained_reward_model(model_config, tokenizer, key="model")
     model.eval()
     if device is not None:
         model.to(device)
@@ -82,16 +79,39 @@ def score_texts(model: ScalarHeadModel, tokenizer, prompts: list[str], responses
     return model.normalize(raw).tolist()
 
 
+def resolve_device(spec: str | None, key: str = "--device") -> torch.device:
+    """``spec`` as a torch device that exists here; None: the device accelerate picks (a GPU when there is one)."""
+    if spec is None:
+        from accelerate import PartialState
+
+        return PartialState().device
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"{key}: '{spec}' is not a device; expected cpu, cuda, cuda:N, mps...") from None
+    available = {"cuda": torch.cuda.is_available,
+                 "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
+    if device.type in available and not available[device.type]():
+        raise UserError(f"{key}: '{spec}' requested, but this machine has no {device.type} device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{key}: '{spec}' requested, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def score_file(model_path: str, data_path: str, output: str | None = None, batch_size: int = 32,
                device: str | None = None) -> list[dict]:
-    """Score every ``{prompt, response}`` row of ``data_path``; write ``{prompt, response, score}`` to ``output``."""
+    """Score every ``{prompt, response}`` row of ``data_path``; write ``{prompt, response, score}`` to ``output``.
+
+    ``device``: where the model runs ('cpu', 'cuda:1'...); None: the accelerator's (a GPU when there is one).
+    """
     from rlhf.training import write_jsonl
 
+    target = resolve_device(device)
     table = load_table(data_path, "train", "--data")
     require_columns(table, ["prompt", "response"], data_path, "scoring")
     prompts = [check_text(row, "prompt", i, data_path) for i, row in enumerate(table)]
     responses = [check_text(row, "response", i, data_path) for i, row in enumerate(table)]
-    model, tokenizer = load_reward_model(model_path, device)
+    model, tokenizer = load_reward_model(model_path, target)
     scores = score_texts(model, tokenizer, prompts, responses, batch_size)
     rows = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, responses, scores)]
     if output is not None:

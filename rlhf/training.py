@@ -2,7 +2,7 @@
 
 A stage's trainer keeps its algorithm in view; everything here is the same for all stages:
 
-- ``RunDirectory``: the run directory of DESIGN.md (config.yaml, metrics.jsonl, checkpoints/, final/),
+- ``RunDirectory``: the run directory of docs/stages.md#run-directory (config.yaml, metrics.jsonl, checkpoints/, final/),
   atomic writes, finding the newest complete checkpoint.
 - ``build_accelerator`` / ``create_optimizer`` / ``create_scheduler`` / ``optimizer_step``.
 - ``MicroBatchOrder``: a deterministic, resumable order of micro-batches over epochs.
@@ -25,11 +25,14 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
+
+from transformers import PreTrainedModel
 
 from rlhf.config import LoggingConfig, TrainingConfig, flatten, save_config, to_dict
 from rlhf.errors import UserError
+from rlhf.models.lora import save_hf_model
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +118,27 @@ def atomic_directory(final_path: str, write: Callable[[str], None]) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def save_pretrained_atomic(accelerator: Accelerator, model: torch.nn.Module, tokenizer, final_dir: str) -> None:
-    """Write ``model`` (unwrapped from DDP/FSDP) and ``tokenizer`` in Hugging Face format, atomically."""
+def save_pretrained_atomic(accelerator: Accelerator, model: torch.nn.Module, tokenizer, final_dir: str,
+                           save_merged: bool = True, submodule: str | None = None) -> None:
+    """Write ``model`` (unwrapped from DDP/FSDP) and ``tokenizer`` in Hugging Face format, atomically.
+
+    A model with LoRA adapters is written merged plus ``adapter/``, or (``save_merged=False``) as the
+    adapter alone (``rlhf.models.lora.save_hf_model``). ``submodule``: write only this attribute of the
+    prepared model (PPO's ``policy`` or ``critic``).
+    """
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards; every process calls it
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        if submodule is not None:
+            unwrapped = getattr(unwrapped, submodule)
+            state_dict = {key.removeprefix(f"{submodule}."): value for key, value in state_dict.items()
+                          if key.startswith(f"{submodule}.")}
 
         def write(directory: str) -> None:
-            unwrapped.save_pretrained(directory, state_dict=state_dict)
+            if isinstance(unwrapped, PreTrainedModel):
+                save_hf_model(unwrapped, directory, state_dict, save_merged)
+            else:  # our wrappers (ScalarHeadModel) map their state dict onto the model inside
+                unwrapped.save_pretrained(directory, state_dict=state_dict, save_merged=save_merged)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)
 
@@ -167,7 +183,7 @@ def build_accelerator(training: TrainingConfig, logging_config: LoggingConfig, r
             raise UserError(f"logging.report_to: {tracker} is not installed; pip install 'rlhf[tracking]'") from None
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision),
                               log_with=trackers or None, project_dir=run.root)
-    set_seed(training.seed + accelerator.process_index)  # a different stream per process (PPO-NOTES 16)
+    set_seed(training.seed + accelerator.process_index)  # a different stream per process (docs/ppo.md#16)
     avoid_cudnn_attention(accelerator.device)
     if trackers:
         run_name = logging_config.run_name or os.path.basename(os.path.normpath(run.root))
@@ -201,8 +217,18 @@ def uses_fused_adamw(training: TrainingConfig, device_type: str) -> bool:
     return training.fused_optimizer and fused_adamw_available(device_type)
 
 
+def weight_decay_groups(named_parameters, weight_decay: float, **options) -> list[dict]:
+    """AdamW parameter groups of the trainable ``(name, parameter)`` pairs: matrices with ``weight_decay``,
+    biases and norms without (their scale is not a capacity knob); ``options`` (e.g. ``lr``) go to both.
+    Frozen parameters (LoRA's base) are left out."""
+    named = [(name, p) for name, p in named_parameters if p.requires_grad]
+    groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay, **options},
+              {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, **options}]
+    return [group for group in groups if group["params"]]
+
+
 def create_optimizer(parameters, training: TrainingConfig, device_type: str = "cpu") -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norms (their scale is not a capacity knob).
+    """AdamW over ``parameters``: ``(name, parameter)`` pairs (grouped by ``weight_decay_groups``) or groups.
 
     ``device_type`` is where the parameters will live after ``accelerator.prepare``. Where torch
     has the fused kernel for it (and ``training.fused_optimizer`` is on), the step is fused: the
@@ -210,14 +236,12 @@ def create_optimizer(parameters, training: TrainingConfig, device_type: str = "c
     is a python loop over the tensors (a GPT-2 of 14 M parameters: 190 -> 49 ms per step on 2
     cores). transformers' Trainer defaults to the fused kernel too (``adamw_torch_fused``).
     """
-    named = [(name, p) for name, p in parameters if p.requires_grad]
-    decay = [p for name, p in named if p.ndim >= 2]
-    no_decay = [p for name, p in named if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": training.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    parameters = list(parameters)
+    groups = (parameters if parameters and isinstance(parameters[0], dict)
+              else weight_decay_groups(parameters, training.weight_decay))
     fused = {"fused": True} if uses_fused_adamw(training, device_type) else {}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=training.lr,
-                             betas=(training.adam_beta1, training.adam_beta2), eps=training.adam_eps, **fused)
+    return torch.optim.AdamW(groups, lr=training.lr, betas=(training.adam_beta1, training.adam_beta2),
+                             eps=training.adam_eps, **fused)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
@@ -240,13 +264,138 @@ def create_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig,
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler, max_grad_norm: float | None) -> float:
-    """Clip, step, schedule, zero; returns the gradient norm before clipping."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm else float("inf"))
+                   scheduler, max_grad_norm: float | None, clip_scopes: Sequence[torch.nn.Module] | None = None) -> float:
+    """Clip, step, schedule, zero; returns the gradient norm (of the first clip scope) before clipping.
+
+    ``clip_scopes``: modules whose gradients are clipped each on its own norm (PPO's policy and critic);
+    default: ``model`` as a whole. Under DeepSpeed the engine has already clipped (globally, to the
+    ``gradient_clipping`` we gave it) and stepped in the last ``accelerator.backward``; the norm is its.
+    """
+    limit = max_grad_norm if max_grad_norm else float("inf")
+    norms = [accelerator.clip_grad_norm_(scope.parameters(), limit) for scope in (clip_scopes or [model])]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return float(norms[0]) if norms[0] is not None else float("nan")
+
+
+# ----------------------------------------------------------------------------- sharded engines (FSDP, DeepSpeed)
+# accelerate does the sharding; what a trainer must do differently is here, so the loops stay one loop.
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def shards_weights(accelerator: Accelerator) -> bool:
+    """Whether a process holds only a shard of each weight (FSDP, or DeepSpeed ZeRO stage 3): then every
+    process must take part in each forward, and generation needs the weights gathered first."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float | None) -> None:
+    """Fill the DeepSpeed config's batch and clipping fields from ours, before ``prepare``.
+
+    We pass no dataloader to ``prepare`` (our loops index the data), so DeepSpeed cannot infer the
+    micro-batch size; gradient accumulation is ours too (each micro-batch's loss is already divided
+    by the step's units), so the engine accumulates 1 step's worth and is told where steps end
+    (``micro_batch_sync``); clipping is ``training.max_grad_norm``.
+    """
+    if not is_deepspeed(accelerator):
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config["train_batch_size"] = micro_batch_size * accelerator.num_processes
+    ds_config["gradient_clipping"] = max_grad_norm or 0.0
+
+
+@contextlib.contextmanager
+def micro_batch_sync(accelerator: Accelerator, model: torch.nn.Module, is_last: bool) -> Iterator[None]:
+    """Around one micro-batch's forward and backward: gradients are reduced across processes (and, under
+    DeepSpeed, the engine steps) only on the last micro-batch of an optimizer step."""
+    accelerator.gradient_state._set_sync_gradients(is_last)
+    try:
+        with accelerator.no_sync(model) if not is_last else contextlib.nullcontext():
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
+
+
+@contextlib.contextmanager
+def full_weights(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The unwrapped ``model`` with its full weights on every process, for no-grad work that does not run
+    in lockstep across processes: sampling (each process stops at its own EOS), evaluation over uneven
+    shards, samples written by one process.
+
+    DeepSpeed ZeRO-3 gathers the partitioned weights for the block (TRL does the same for generation);
+    FSDP unshards every sharded module and keeps it unsharded until the block ends. Without sharding
+    (one process, DDP, ZeRO-1/2) this is ``unwrap_model``.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if not shards_weights(accelerator):
+        yield unwrapped
+    elif is_deepspeed(accelerator):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield unwrapped
+    else:
+        with fsdp_unsharded(unwrapped):
+            yield unwrapped
+
+
+@contextlib.contextmanager
+def fsdp_unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """Every FSDP-sharded module of ``model`` with its full parameters until the block ends (FSDP2's
+    ``unshard``, with resharding after each forward switched off meanwhile; FSDP1's ``summon_full_params``)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:  # FSDP1 wraps modules in FullyShardedDataParallel instead
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+            yield
+        return
+    # What each module does after a forward, to restore it (a user may run FSDP2 without resharding).
+    settings = [reshards_after_forward(module) for module in sharded]
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module, setting in zip(sharded, settings):
+            module.reshard()
+            module.set_reshard_after_forward(setting, recurse=False)
+
+
+def reshards_after_forward(module) -> bool:
+    """Whether an FSDP2 module frees its gathered parameters after each forward (torch keeps this in a private
+    field: a post-forward mesh exists exactly then); True when it cannot be read, FSDP2's default."""
+    group = getattr(getattr(module, "_get_fsdp_state", lambda: None)(), "_fsdp_param_group", None)
+    return True if group is None else getattr(group, "post_forward_mesh_info", True) is not None
+
+
+def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is never trained (PPO's reference and reward model), placed as the engine expects.
+
+    Under ZeRO-3 and FSDP it is sharded for inference like the trained models (TRL does this for
+    ZeRO-3), so it does not cost a full copy per process; elsewhere it is moved to the device.
+    """
+    if not shards_weights(accelerator):
+        return model.to(accelerator.device)
+    if is_deepspeed(accelerator):
+        import deepspeed
+
+        ds_config = {key: value for key, value in accelerator.state.deepspeed_plugin.deepspeed_config.items()
+                     if key in ("train_micro_batch_size_per_gpu", "train_batch_size", "bf16", "fp16", "zero_optimization")}
+        ds_config["zero_optimization"] = {"stage": 3, **{k: v for k, v in ds_config.get("zero_optimization", {}).items()
+                                                          if k.startswith(("stage3_", "offload_param"))}}
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        return engine.module
+    return accelerator.prepare_model(model, evaluation_mode=True)
 
 
 # ----------------------------------------------------------------------------- data order
@@ -513,7 +662,7 @@ class SupervisedLoop:
             # ---- log, evaluate, checkpoint
             if state.step % training.log_every == 0 or state.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
-                metrics = self.objective.summarize(window_sums, window_units)
+                metrics = self.objective.summarize(*summed_over_processes(accelerator, window_sums, window_units))
                 metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens * accelerator.num_processes / max(elapsed, 1e-9))
                 state.tokens_seen += window_tokens
                 session_tokens += window_tokens
@@ -547,20 +696,30 @@ class SupervisedLoop:
         sums: dict[str, float] = {}
         units = 0.0
         batch_size = self.training.eval_batch_size or self.training.batch_size
-        for indices in evaluation_batches(len(self.eval_examples), batch_size, self.accelerator.num_processes,
-                                          self.accelerator.process_index):
-            batch = {k: v.to(self.accelerator.device)
-                     for k, v in self.objective.collate([self.eval_examples[i] for i in indices]).items()}
-            with self.accelerator.autocast():
-                loss_sum, stats = self.objective.loss_sum(self.model, batch)
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-            units += self.objective.count_units(batch)
-        sums = {k: float(self.accelerator.reduce(torch.tensor(v, device=self.accelerator.device, dtype=torch.float64), "sum"))
-                for k, v in sorted(sums.items())}
-        units = float(self.accelerator.reduce(torch.tensor(units, device=self.accelerator.device, dtype=torch.float64), "sum"))
+        # Processes get uneven shares of the evaluation set: with sharded weights, gathered for the whole pass.
+        with full_weights(self.accelerator, self.model) as model:
+            for indices in evaluation_batches(len(self.eval_examples), batch_size, self.accelerator.num_processes,
+                                              self.accelerator.process_index):
+                batch = {k: v.to(self.accelerator.device)
+                         for k, v in self.objective.collate([self.eval_examples[i] for i in indices]).items()}
+                with self.accelerator.autocast():
+                    loss_sum, stats = self.objective.loss_sum(model, batch)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                units += self.objective.count_units(batch)
         self.model.train(was_training)
-        return self.objective.summarize(sums, units)
+        return self.objective.summarize(*summed_over_processes(self.accelerator, sums, units))
+
+
+def summed_over_processes(accelerator: Accelerator, sums: dict[str, float], units: float) -> tuple[dict[str, float], float]:
+    """Statistics summed by each process (loss sums, counts), summed over all of them in float64, so a
+    logged metric is the whole batch's and not the main process's share. Every process must call it."""
+    if accelerator.num_processes == 1:
+        return sums, units
+    keys = sorted(sums)
+    totals = torch.tensor([sums[key] for key in keys] + [units], dtype=torch.float64, device=accelerator.device)
+    totals = accelerator.reduce(totals, "sum").tolist()
+    return dict(zip(keys, totals[:-1])), totals[-1]
 
 
 def prefix(name: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The embedded demo task: answer a request for a subject in a tone (see DEMO.md).
+"""The embedded demo task: answer a request for a subject in a tone (see docs/demo.md).
 
 A small generated language (grammar), a gold scorer standing in for the human (gold), a
 simulated noisy labeler (labeler), a middling demonstrator (demonstrator) and the data

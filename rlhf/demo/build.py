@@ -41,7 +41,7 @@ PREF_EVAL_ROWS = 300
 EOS_TOKEN = "<|endoftext|>"
 # A dedicated pad token: with pad == eos, the usual `attention_mask = ids != pad` would
 # hide the EOS from the reward model and the policy would learn never to stop
-# (PPO-NOTES items 2 and 42).
+# (docs/ppo.md#2 and docs/ppo.md#42).
 PAD_TOKEN = "<|pad|>"
 # Large enough that nearly every word form in the data ("Write", " harbor") becomes a
 # single token (measured and recorded in MANIFEST stats). BPE stops below this size when

@@ -33,7 +33,7 @@ SENTENCE_COUNT_WEIGHTS: dict[int, float] = {1: 0.2, 2: 0.4, 3: 0.4}
 # The flaws, each decided independently per response. Big flaws are rare and small ones
 # frequent. Many frequent small flaws lower the mean gold score more than they widen its
 # spread, so the best score (1.0) lies about 1.5 standard deviations above the
-# demonstrator's mean (0.54 +- 0.32): DEMO.md's bar for PPO (gold up by one standard
+# demonstrator's mean (0.54 +- 0.32): the bar for PPO in docs/demo.md#measures (gold up by one standard
 # deviation of the SFT samples) is then within reach of a policy that drops the flaws.
 P_OFF_TOPIC = 0.08  # the whole response is about another subject
 P_WANDERS = 0.15  # one extra sentence about another subject

@@ -25,7 +25,7 @@ The score is a weighted sum of five terms, each in [-1, 1], so the score is in [
              last character is a '.' directly after a letter: "It glows." does, "It glows"
              (trailed off), "It glows. " (trailing space) and "It glows.." do not. The EOS
              token is not part of the text: whether the model stopped is the trainer's
-             business (its missing-EOS penalty, PPO-NOTES item 14).
+             business (its missing-EOS penalty, docs/ppo.md#14).
 
 For a prompt outside the demo language only the generic terms apply, with their weights
 renormalised so the score still spans [-1, 1]:

@@ -23,7 +23,7 @@ from rlhf.demo.gold import gold_score
 # labels agree with the noiseless gold preference on pairs of demonstrator responses (the
 # measured value is in data/demo/README.md): noisy like people, though cleaner than the
 # roughly 65-77 % agreement between human labelers reported for summarisation and
-# instruction following, so a small reward model can still pass DEMO.md's 75 % bar.
+# instruction following, so a small reward model can still pass the 75 % bar of docs/demo.md#measures.
 DEFAULT_NOISE_TEMPERATURE = 0.15
 
 
@@ -114,7 +114,7 @@ def label_pairs(
     noise_temperature: float = DEFAULT_NOISE_TEMPERATURE,
     k: int = 2,
 ) -> list[dict]:
-    """Label K responses per prompt into reward-model rows (DESIGN.md data formats).
+    """Label K responses per prompt into reward-model rows (docs/stages.md#data).
 
     A prompt whose responses all have the same gold score (identical responses included)
     carries no preference signal, only label noise, so it yields no row; the result can

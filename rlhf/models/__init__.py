@@ -12,10 +12,12 @@ from rlhf.models.backbone import (
     resolve_max_length,
     use_fused_gelu,
 )
-from rlhf.models.heads import ScalarHeadModel, checkpoint_architectures, has_trained_head, load_scalar_model
+from rlhf.models.heads import (ScalarHeadModel, checkpoint_architectures, has_trained_head, load_reward_model,
+                               load_scalar_model, make_trainable, save_merged)
 
 __all__ = [
     "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "checkpoint_architectures", "disable_dropout",
-    "ensure_pad_token", "has_trained_head", "kept_logits", "load_causal_lm", "load_scalar_model", "load_tokenizer",
-    "resolve_max_length", "use_fused_gelu",
+    "ensure_pad_token", "has_trained_head", "kept_logits", "load_causal_lm", "load_reward_model", "load_scalar_model",
+    "load_tokenizer",
+    "make_trainable", "resolve_max_length", "save_merged", "use_fused_gelu",
 ]

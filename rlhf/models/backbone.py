@@ -15,12 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from rlhf.config import ArchitectureConfig, ModelConfig
 from rlhf.errors import UserError
+from rlhf.models.lora import is_adapter_checkpoint, load_adapter_checkpoint
 
 logger = logging.getLogger(__name__)
 
 # Added when a tokenizer has no pad token. It must differ from EOS: with pad == eos the usual
 # attention_mask = (ids != pad) hides every EOS, so the reward is read at the wrong token and
-# the policy learns never to stop (PPO-NOTES items 2 and 42).
+# the policy learns never to stop (docs/ppo.md#2 and docs/ppo.md#42).
 PAD_TOKEN = "<|pad|>"
 
 
@@ -97,7 +98,7 @@ def adopt_model(model: PreTrainedModel, tokenizer, model_config: ModelConfig) ->
 
     The tokenizer gets a dedicated pad (never pad = eos), the embeddings grow to the tokenizer and
     the special ids are recorded, and dropout is turned off if ``model_config.disable_dropout``
-    (train- and eval-mode forwards must agree, PPO-NOTES 35), and GPT-2's python GELU becomes
+    (train- and eval-mode forwards must agree, docs/ppo.md#35), and GPT-2's python GELU becomes
     the fused kernel if ``model_config.fused_gelu``.
     """
     ensure_pad_token(tokenizer)
@@ -110,12 +111,22 @@ def adopt_model(model: PreTrainedModel, tokenizer, model_config: ModelConfig) ->
 
 def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = "model.name_or_path",
                              **kwargs) -> PreTrainedModel:
-    """``model_class.from_pretrained`` in fp32, turning a bad path into one clear line naming ``key``."""
+    """``model_class.from_pretrained`` in fp32, turning a bad path into one clear line naming ``key``.
+
+    A directory holding only a LoRA adapter (an earlier stage's ``final/`` with ``lora.save_merged:
+    false``) loads as its base with the adapter merged in.
+    """
     path = model_config.name_or_path
     check_local_directory(path, key)
+    if looks_local(path) and is_adapter_checkpoint(path):
+        from dataclasses import replace
+
+        return load_adapter_checkpoint(
+            lambda base: from_pretrained_or_error(model_class, replace(model_config, name_or_path=base, revision=None),
+                                                  f"{key} (its adapter's base)", **kwargs), path, key)
     try:
         # fp32 master weights: mixed precision is accelerate's job, and RLHF logprobs must be fp32
-        # (PPO-NOTES item 38).
+        # (docs/ppo.md#38).
         return model_class.from_pretrained(
             path, dtype=torch.float32, trust_remote_code=model_config.trust_remote_code,
             revision=model_config.revision, **kwargs)
@@ -123,6 +134,21 @@ def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = 
         where = "local directory" if looks_local(path) else "hub model"
         raise UserError(f"{key}: cannot load '{path}' as a {where} with "
                         f"{model_class.__name__}: {first_line(error)}") from None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each transformer block's activations during the backward pass instead of storing them.
+
+    torch's non-reentrant checkpointing (the kind that needs no input with ``requires_grad``, so
+    frozen embeddings under LoRA are fine): the same gradients, for a forward's worth of extra
+    compute. ``model``: a Hugging Face model, or a module holding one (``ScalarHeadModel``).
+    """
+    target = model if isinstance(model, PreTrainedModel) else next(
+        (m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if target is None or not target.supports_gradient_checkpointing:
+        name = type(target or model).__name__
+        raise UserError(f"training.gradient_checkpointing: {name} does not support gradient checkpointing")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_fresh_gpt2(architecture: ArchitectureConfig, tokenizer) -> GPT2LMHeadModel:
@@ -212,8 +238,9 @@ def first_line(error: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- logits where a loss reads them
 
-def _accepted_logits_to_keep(model) -> tuple[bool, bool]:
-    """(int form, boolean-mask form) of ``logits_to_keep`` that ``model``'s forward accepts.
+def _accepted_logits_to_keep(model) -> tuple[bool, bool, bool]:
+    """(int form, boolean-mask form) of ``logits_to_keep`` that ``model``'s forward accepts, and whether it
+    takes ``use_cache``.
 
     Hugging Face causal LMs take ``logits_to_keep`` (transformers >= 4.50); the boolean (B, T)
     form arrived later, with ``modeling_utils.slice_logits_to_keep``. Models from remote code
@@ -225,9 +252,11 @@ def _accepted_logits_to_keep(model) -> tuple[bool, bool]:
     from transformers import modeling_utils
 
     inner = getattr(model, "module", model)  # DDP / accelerate wrappers keep the model in .module
-    takes_int = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    parameters = inspect.signature(inner.forward).parameters
+    takes_int = "logits_to_keep" in parameters
     own_class = type(inner).__module__.startswith("transformers.")
-    return takes_int, takes_int and own_class and hasattr(modeling_utils, "slice_logits_to_keep")
+    takes_cache = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return takes_int, takes_int and own_class and hasattr(modeling_utils, "slice_logits_to_keep"), takes_cache
 
 
 def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor | int,
@@ -241,8 +270,10 @@ def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ke
     Calls ``model(...)`` itself, so a DDP-wrapped model still synchronises its gradients; falls
     back to full logits, then selection, for models without ``logits_to_keep``.
     """
-    takes_int, takes_mask = _accepted_logits_to_keep(model)
+    takes_int, takes_mask, takes_cache = _accepted_logits_to_keep(model)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if takes_cache:  # no key/value cache: nothing reads it, and under gradient checkpointing transformers warns
+        inputs["use_cache"] = False
     if position_ids is not None:
         inputs["position_ids"] = position_ids
     if isinstance(keep, int):

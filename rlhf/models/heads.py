@@ -24,7 +24,10 @@ from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2For
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.functional import exclusive_cumsum_positions, last_valid_index
-from rlhf.models.backbone import adopt_model, build_fresh_gpt2, ensure_pad_token, from_pretrained_or_error
+from rlhf.config import LoraConfig
+from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, enable_gradient_checkpointing, ensure_pad_token,
+                                  from_pretrained_or_error)
+from rlhf.models.lora import apply_lora, save_hf_model
 
 
 class ScalarHeadModel(nn.Module):
@@ -64,10 +67,10 @@ class ScalarHeadModel(nn.Module):
         if prefix_ids is not None:
             return self.forward_continuations(input_ids, attention_mask, prefix_ids, prefix_mask, prefix_index)
         # Positions are the exclusive cumsum of the mask, so a token's position (and its output)
-        # does not depend on how much padding sits to its left (PPO-NOTES items 11, 41).
+        # does not depend on how much padding sits to its left (docs/ppo.md#11, docs/ppo.md#41).
         position_ids = exclusive_cumsum_positions(attention_mask)
-        hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
     def forward_continuations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
@@ -109,7 +112,7 @@ class ScalarHeadModel(nn.Module):
         self.config.rlhf_reward_std = float(std)
 
     def init_head(self, how: str) -> None:
-        """'normal': N(0, 1/sqrt(d+1)) as in Ziegler et al. (PPO-NOTES item 3); 'zero': V = 0 at start."""
+        """'normal': N(0, 1/sqrt(d+1)) as in Ziegler et al. (docs/ppo.md#3); 'zero': V = 0 at start."""
         with torch.no_grad():
             if how == "normal":
                 width = self.head.in_features
@@ -133,10 +136,11 @@ class ScalarHeadModel(nn.Module):
         scalar_model.init_head(head_init)
         return scalar_model
 
-    def save_pretrained(self, directory: str, state_dict: dict | None = None, **kwargs) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict | None = None, save_merged: bool = True) -> None:
+        """The sequence classifier in Hugging Face format (with adapters: see ``lora.save_hf_model``)."""
         if state_dict is not None:  # this wrapper's state dict (accelerate's get_state_dict): drop our "model." prefix
             state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
-        self.model.save_pretrained(directory, state_dict=state_dict, **kwargs)
+        save_hf_model(self.model, directory, state_dict, save_merged)
 
 
 def checkpoint_architectures(model: ScalarHeadModel) -> list[str]:
@@ -148,6 +152,19 @@ def has_trained_head(model: ScalarHeadModel) -> bool:
     """Whether the checkpoint was saved as a sequence classifier, i.e. its one-label head was trained;
     loaded from a causal LM, the head is a random draw."""
     return any(name.endswith("ForSequenceClassification") for name in checkpoint_architectures(model))
+
+
+def load_reward_model(model_config: ModelConfig, tokenizer, key: str = "model") -> ScalarHeadModel:
+    """A trained reward model (one-label sequence classifier) from ``model_config.name_or_path``, or one line
+    naming ``key`` when the checkpoint is not one: loaded from a causal LM, its head would be a random draw
+    and everything scored with it noise."""
+    model = load_scalar_model(model_config, tokenizer, head_init=None, key=key)
+    if not has_trained_head(model):
+        architectures = checkpoint_architectures(model)
+        raise UserError(f"{key}: '{model_config.name_or_path}' is not a reward model (its config lists "
+                        f"{architectures or 'no'} architectures, so its score head would be random); "
+                        "train one with `rlhf rm`")
+    return model
 
 
 def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | None = "normal",
@@ -176,3 +193,24 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
     if head_init is not None:
         scalar_model.init_head(head_init)
     return scalar_model
+
+
+def make_trainable(model: torch.nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool,
+                   key: str = "model.lora") -> None:
+    """What a stage's config asks of a model it trains: LoRA adapters (a scalar-head model also trains its
+    head, as a copy beside the original), then gradient checkpointing.
+
+    Args:
+        model: a causal LM or a ``ScalarHeadModel``, before ``accelerator.prepare``.
+        key: the config key of ``lora``, for error messages.
+    """
+    hf_model, head = (model.model, "score") if isinstance(model, ScalarHeadModel) else (model, None)
+    if lora is not None:
+        apply_lora(hf_model, lora, key, scalar_head=head)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(hf_model)
+
+
+def save_merged(model_config: ModelConfig) -> bool:
+    """Whether ``final/`` holds a full checkpoint (always without LoRA; with it, unless ``lora.save_merged: false``)."""
+    return model_config.lora is None or model_config.lora.save_merged

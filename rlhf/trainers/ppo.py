@@ -1,7 +1,7 @@
 """Stage 3: PPO against a reward model, with a KL penalty to the frozen SFT reference.
 
 One PPO step, in paper order (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022;
-the details follow PPO-NOTES.md, cited by item number):
+the details follow docs/ppo.md, whose checklist items are cited by number):
 
 1. rollout: sample responses to a batch of prompts from the policy; score them with the reward
    model (or a reward function); take the policy's, the reference's and the critic's view of
@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -47,26 +47,34 @@ from rlhf.functional import (
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
+    masked_moments,
     masked_whiten,
+    whiten_from_moments,
     per_token_rewards,
     truncate_after_eos,
 )
 from rlhf.generation import sample_with_logprobs
-from rlhf.models import (ScalarHeadModel, adopt_model, kept_logits, load_causal_lm, load_scalar_model, load_tokenizer,
-                         resolve_max_length)
+from rlhf.models import (ScalarHeadModel, adopt_model, kept_logits, load_causal_lm, load_reward_model, load_scalar_model,
+                         load_tokenizer, make_trainable, resolve_max_length, save_merged)
+from rlhf.models.lora import adapters_disabled
 from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
     MetricsLogger,
     MicroBatchOrder,
     TrainState,
+    configure_deepspeed,
     create_optimizer,
     create_scheduler,
+    full_weights,
     load_checkpoint,
+    micro_batch_sync,
     optimizer_step,
+    prepare_frozen,
     save_checkpoint,
     save_pretrained_atomic,
     start_run,
     truncate_jsonl,
+    weight_decay_groups,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,7 +87,7 @@ class Rollout:
     """A batch of episodes. Response tensors are (batch, response_len), right-padded after the first EOS.
 
     ``logprobs``/``ref_logprobs``/``values`` are at the response positions: the state before
-    each response token (logits slice ``[prompt_len − 1 : −1]``, PPO-NOTES §2).
+    each response token (logits slice ``[prompt_len − 1 : −1]``, docs/ppo.md#formulas).
     """
 
     prompt_ids: torch.Tensor        # (B, P) left-padded
@@ -129,6 +137,25 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logits[:, :-1]
 
 
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models, policy and critic, as one module with one optimizer.
+
+    accelerate prepares one model per DeepSpeed engine (it refuses a second), and DDP reduces the
+    gradients of what one forward of the module it wraps used; so every training forward runs
+    through this module's ``forward``, which runs whatever it is given on the two models (TRL wraps
+    its policy and value model the same way).
+    """
+
+    def __init__(self, policy: torch.nn.Module, critic: ScalarHeadModel):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    def forward(self, compute: Callable[[torch.nn.Module, ScalarHeadModel], object]):
+        """``compute(policy, critic)``, inside the engine's forward."""
+        return compute(self.policy, self.critic)
+
+
 class PPOTrainer:
     """PPO fine-tuning of a causal LM against a reward.
 
@@ -167,35 +194,70 @@ class PPOTrainer:
         else:
             # A policy passed in gets what the loader gives ours: a dedicated pad and no dropout.
             # Dropout in the update's train() forward makes the first ratio ≠ 1 (|Δlogp| ≈ 0.2,
-            # PPO-NOTES 35); the reference and a critic copied from the policy inherit the setting.
+            # docs/ppo.md#35); the reference and a critic copied from the policy inherit the setting.
             adopt_model(self.policy, self.tokenizer, config.policy)
-        # The reference is the SFT policy, frozen: never trained, no gradients (PPO-NOTES 36).
-        self.reference = copy.deepcopy(self.policy)
-        freeze(self.reference)
+        # The reference is the SFT policy, frozen: never trained, no gradients (docs/ppo.md#36). With LoRA
+        # it is the policy itself with its adapters off (``reference_model``): no second copy of the weights.
+        self.reference = None
+        if config.policy.lora is None:
+            self.reference = copy.deepcopy(self.policy)
+            freeze(self.reference)
 
         self.reward_model, self.reward_tokenizer = None, None
         if config.reward.model_path is not None:
             rm_config = ModelConfig(name_or_path=config.reward.model_path)
             self.reward_tokenizer = load_tokenizer(rm_config, path_key="reward.model_path")
-            self.reward_model = load_scalar_model(rm_config, self.reward_tokenizer, head_init=None,
-                                                  key="reward.model_path")
-            freeze(self.reward_model)
         elif self.reward_fn is None:
             self.reward_fn = load_reward_function(config.reward.function)
         self.same_vocabulary = (self.reward_tokenizer is None
                                 or self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab())
+        # A LoRA critic started from the reward model shares its weights: the reward is that model with the
+        # critic's adapters off (peft keeps the trained head beside the critic's copy), so one copy serves both.
+        self.reward_in_critic = (config.reward.model_path is not None and config.critic.lora is not None
+                                 and config.critic.init == "reward" and config.critic.name_or_path is None
+                                 and self.same_vocabulary)
+        if config.reward.model_path is not None and not self.reward_in_critic:
+            self.reward_model = load_reward_model(rm_config, self.reward_tokenizer, key="reward.model_path")
+            freeze(self.reward_model)
 
         if config.critic.init == "reward" or config.critic.name_or_path:
             path = config.critic.name_or_path or config.reward.model_path
             if not self.same_vocabulary and not config.critic.name_or_path:
                 raise UserError("critic.init: 'reward' needs a reward model with the policy's tokenizer; "
                                 "use critic.init=policy")
-            # Same head and normalisation as the RM, so V at the last token starts as the score (PPO-NOTES 16).
-            self.critic = load_scalar_model(ModelConfig(name_or_path=path), self.tokenizer, head_init=None,
-                                            key="critic.name_or_path" if config.critic.name_or_path else "reward.model_path")
+            # Same head and normalisation as the RM: V_t starts as the RM's score of the text before token t
+            # (docs/ppo.md#oracle-16).
+            critic_config = ModelConfig(name_or_path=path)
+            self.critic = (load_reward_model(critic_config, self.tokenizer, key="reward.model_path") if self.reward_in_critic else
+                           load_scalar_model(critic_config, self.tokenizer, head_init=None,
+                                             key="critic.name_or_path" if config.critic.name_or_path
+                                             else "reward.model_path"))
         else:
             # A copy of the policy trunk with a zero head: V ≡ 0 at the start (LHP).
             self.critic = ScalarHeadModel.from_causal_lm(self.policy)
+        # Adapters and checkpointing last: the reference and a critic copied from the policy are plain models.
+        make_trainable(self.policy, config.policy.lora, config.training.gradient_checkpointing, "policy.lora")
+        make_trainable(self.critic, config.critic.lora, config.training.gradient_checkpointing, "critic.lora")
+
+    @contextlib.contextmanager
+    def reference_model(self, policy) -> Iterator[torch.nn.Module]:
+        """The frozen reference for a block of no-grad forwards: its own copy, or ``policy`` (unwrapped)
+        with its adapters off, which is the SFT policy exactly."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with adapters_disabled(policy):
+                yield policy
+
+    @contextlib.contextmanager
+    def reward_scorer(self, critic) -> Iterator[ScalarHeadModel | None]:
+        """The reward model for a block of no-grad forwards: its own copy, ``critic`` (unwrapped) with its
+        adapters off when the two share weights, or None with a reward function."""
+        if not self.reward_in_critic:
+            yield self.reward_model
+        else:
+            with adapters_disabled(critic):
+                yield critic
 
     def load_prompts(self) -> tuple[list[str], list[list[int]]]:
         data = self.config.data
@@ -206,7 +268,8 @@ class PPOTrainer:
             source = data.path
         if data.max_samples is not None:
             table = table.select(range(min(data.max_samples, len(table))))
-        return tokenize_prompts(table, self.tokenizer, data.max_prompt_length, source)
+        return tokenize_prompts(table, self.tokenizer, data.max_prompt_length, source, data.format,
+                                data.assistant_marker)
 
     # ------------------------------------------------------------------ the loop
 
@@ -244,9 +307,10 @@ class PPOTrainer:
         updates_per_step = ppo.num_ppo_epochs * ppo.num_minibatches
         self.build_optimizers(total_steps * updates_per_step)
         device = accelerator.device
-        self.reference.to(device)
+        if self.reference is not None:
+            self.reference = prepare_frozen(accelerator, self.reference)
         if self.reward_model is not None:
-            self.reward_model.to(device)
+            self.reward_model = prepare_frozen(accelerator, self.reward_model)
 
         state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState(extra={"kl_coef": ppo.kl_coef})
         self.kl_coef = state.extra["kl_coef"]
@@ -273,15 +337,14 @@ class PPOTrainer:
             update_stats = self.update(rollout, step=state.step)
             update_s = time.perf_counter() - start
             # 5: log, adapt β, checkpoint
-            metrics = self.rollout_metrics(rollout)
-            metrics.update(update_stats)
+            metrics = mean_over_processes(accelerator, {**self.rollout_metrics(rollout), **update_stats})
             episodes = rollout.scores.numel() * accelerator.num_processes
             metrics.update(rollout_s=rollout_s, update_s=update_s, kl_coef=self.kl_coef,
                            episodes_per_s=episodes / (rollout_s + update_s),
                            generated_tokens_per_s=float(rollout.response_mask.sum()) * accelerator.num_processes / rollout_s,
-                           lr=self.policy_scheduler.get_last_lr()[0])
+                           lr=self.scheduler.get_last_lr()[0])
             if ppo.adaptive_kl:
-                # Once per PPO step, after the update, with the batch's mean summed KL (PPO-NOTES 20); the
+                # Once per PPO step, after the update, with the batch's mean summed KL (docs/ppo.md#20); the
                 # mean over all processes, so every rank keeps the same β (and the checkpoint's is everyone's).
                 batch_kl = float(accelerator.reduce(torch.tensor(metrics["kl"], device=device), "mean"))
                 self.kl_coef = adaptive_kl_coef(self.kl_coef, batch_kl, ppo.target_kl, ppo.kl_horizon, episodes)
@@ -304,90 +367,109 @@ class PPOTrainer:
             paused_s += time.perf_counter() - paused_at
         progress.close()
 
-        save_pretrained_atomic(accelerator, self.policy_model, self.tokenizer, run.final_dir)
-        save_pretrained_atomic(accelerator, self.critic_model, self.tokenizer, run.path("value_model"))
+        save_pretrained_atomic(accelerator, self.model, self.tokenizer, run.final_dir, save_merged(config.policy),
+                               submodule="policy")
+        save_pretrained_atomic(accelerator, self.model, self.tokenizer, run.path("value_model"),
+                               save_merged(config.critic), submodule="critic")
         accelerator.end_training()
         logger.info("PPO done: %s", run.final_dir)
         return run.final_dir
 
     def build_optimizers(self, total_updates: int) -> None:
+        """One AdamW over policy and critic; with ``ppo.separate_optimizers`` the critic's parameters form
+        their own groups at ``critic_lr`` and each model's gradient is clipped on its own norm, which is
+        what two optimizers would do (AdamW updates every parameter on its own)."""
         training, ppo = self.config.training, self.config.ppo
         accelerator = self.accelerator
-        if ppo.separate_optimizers:
-            policy_optimizer = create_optimizer(self.policy.named_parameters(), training, accelerator.device.type)
-            critic_training = dataclasses.replace(training, lr=ppo.critic_lr or training.lr)
-            critic_optimizer = create_optimizer(self.critic.named_parameters(), critic_training,
-                                                accelerator.device.type)
-            self.policy_scheduler = create_scheduler(policy_optimizer, training, total_updates)
-            self.critic_scheduler = create_scheduler(critic_optimizer, critic_training, total_updates)
-            (self.policy_model, self.critic_model, self.policy_optimizer,
-             self.critic_optimizer) = accelerator.prepare(self.policy, self.critic, policy_optimizer, critic_optimizer)
-            accelerator.register_for_checkpointing(self.policy_scheduler, self.critic_scheduler)
-        else:
-            # One optimizer over both, as N+/TRL do with their policy-and-value wrapper (PPO-NOTES 27).
-            named = list(self.policy.named_parameters()) + [("critic." + n, p) for n, p in self.critic.named_parameters()]
-            optimizer = create_optimizer(named, training, accelerator.device.type)
-            self.policy_scheduler = create_scheduler(optimizer, training, total_updates)
-            self.critic_scheduler = None
-            self.policy_model, self.critic_model, self.policy_optimizer = accelerator.prepare(
-                self.policy, self.critic, optimizer)
-            self.critic_optimizer = None
-            accelerator.register_for_checkpointing(self.policy_scheduler)
+        critic_lr = (ppo.critic_lr or training.lr) if ppo.separate_optimizers else training.lr
+        groups = (weight_decay_groups(self.policy.named_parameters(), training.weight_decay, lr=training.lr)
+                  + weight_decay_groups(self.critic.named_parameters(), training.weight_decay, lr=critic_lr))
+        optimizer = create_optimizer(groups, training, accelerator.device.type)
+        self.scheduler = create_scheduler(optimizer, training, total_updates)
+        configure_deepspeed(accelerator, min(training.batch_size, ppo.rollout_batch_size // ppo.num_minibatches),
+                            training.max_grad_norm)
+        self.model, self.optimizer = accelerator.prepare(PolicyAndValue(self.policy, self.critic), optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+
+    @property
+    def policy_model(self) -> torch.nn.Module:
+        """The policy being trained (unwrapped from DDP/FSDP/DeepSpeed)."""
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def critic_model(self) -> ScalarHeadModel:
+        """The critic being trained (unwrapped)."""
+        return self.accelerator.unwrap_model(self.model).critic
 
     # ------------------------------------------------------------------ 1-3: rollout
 
     @torch.no_grad()
     def rollout(self, prompt_ids: list[list[int]], prompt_texts: list[str], step: int) -> Rollout:
         """Sample, score and evaluate a batch of episodes, then compute rewards and advantages."""
-        config, ppo, sampling = self.config, self.config.ppo, self.config.sampling
+        config, ppo = self.config, self.config.ppo
         device = self.accelerator.device
-        policy = self.accelerator.unwrap_model(self.policy_model)
-        critic = self.accelerator.unwrap_model(self.critic_model)
-        policy.eval()
-        critic.eval()
         pad = self.tokenizer.pad_token_id
         # Left-pad every prompt of the batch to one length so micro-batches concatenate.
         all_prompts = pad_left(prompt_ids, pad).to(device)
         all_prompt_mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(device)
         generator = torch.Generator(device=device).manual_seed(
             config.training.seed * 1_000_003 + step * 1009 + self.accelerator.process_index)
-        parts = []
-        for start in range(0, len(prompt_ids), ppo.forward_batch_size):
-            prompts = all_prompts[start:start + ppo.forward_batch_size]
-            prompt_mask = all_prompt_mask[start:start + ppo.forward_batch_size]
-            response_ids, sample_logprobs = self.sample(policy, prompts, prompt_mask, generator)
-            # Tokens after the first EOS become padding; the EOS stays (PPO-NOTES 13).
-            response_ids, response_mask, ended = truncate_after_eos(response_ids, self.tokenizer.eos_token_id, pad)
-            input_ids = torch.cat([prompts, response_ids], dim=1)
-            attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-            prompt_len = prompts.shape[1]
-            with self.accelerator.autocast():
-                if self.logprobs_from_generation:
-                    logprobs = sample_logprobs
-                else:
-                    logprobs = logprobs_from_logits(response_logits(policy, input_ids, attention_mask, prompt_len),
-                                                    response_ids, sampling.temperature)
-                ref_logprobs = logprobs_from_logits(response_logits(self.reference, input_ids, attention_mask, prompt_len),
-                                                    response_ids, sampling.temperature)
-                values = critic.normalize(critic(input_ids, attention_mask))[:, prompt_len - 1:-1]
-                texts = prompt_texts[start:start + ppo.forward_batch_size]
-                scores = self.score(texts, prompts, prompt_mask, response_ids, response_mask).to(device).float()
-            if sampling.missing_eos_penalty is not None:
-                # The RM never saw unfinished responses; without this the policy learns not to stop (PPO-NOTES 14).
-                scores = torch.where(ended, scores, scores - sampling.missing_eos_penalty)
-            parts.append(dict(prompt_ids=prompts, prompt_mask=prompt_mask, response_ids=response_ids,
-                              response_mask=response_mask, logprobs=logprobs.float(), ref_logprobs=ref_logprobs.float(),
-                              values=values.float(), scores=scores, ended=ended))
+        # 1: every process samples until its own episodes end, so sharded weights are gathered for the rollout.
+        with full_weights(self.accelerator, self.model) as models:
+            models.eval()
+            parts = [self.episodes(models.policy, models.critic, all_prompts[start:start + ppo.forward_batch_size],
+                                   all_prompt_mask[start:start + ppo.forward_batch_size],
+                                   prompt_texts[start:start + ppo.forward_batch_size], generator)
+                     for start in range(0, len(prompt_ids), ppo.forward_batch_size)]
         rollout = Rollout(**concatenate_right_padded(parts, pad))
         mask = rollout.response_mask
-        # 2: per-token KL penalty in the reward, score on the last valid token (PPO-NOTES 17, 40)
+        # 2: per-token KL penalty in the reward, score on the last valid token (docs/ppo.md#17, docs/ppo.md#40)
         kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator)
         rollout.rewards = per_token_rewards(rollout.scores, kl, mask, self.kl_coef)
-        # 3: GAE; the value target is taken before whitening (PPO-NOTES 24)
+        # 3: GAE; the value target is taken before whitening (docs/ppo.md#24)
         rollout.advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
-            rollout.advantages = masked_whiten(rollout.advantages, mask)
+            rollout.advantages = self.whiten(rollout.advantages, mask)
         return rollout
+
+    def whiten(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Advantages whitened over the whole rollout batch: with several processes, over all of them
+        (their moments summed), so N processes whiten as one process with the same global batch."""
+        if self.accelerator.num_processes == 1:
+            return masked_whiten(advantages, mask)
+        moments = self.accelerator.reduce(masked_moments(advantages, mask), "sum")
+        return whiten_from_moments(advantages, mask, moments)
+
+    def episodes(self, policy, critic: ScalarHeadModel, prompts: torch.Tensor, prompt_mask: torch.Tensor,
+                 prompt_texts: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """One forward batch of episodes: responses, the policy's, the reference's and the critic's view of
+        them, and their scores (the fields of ``Rollout`` before rewards)."""
+        sampling = self.config.sampling
+        response_ids, sample_logprobs = self.sample(policy, prompts, prompt_mask, generator)
+        # Tokens after the first EOS become padding; the EOS stays (docs/ppo.md#13).
+        response_ids, response_mask, ended = truncate_after_eos(response_ids, self.tokenizer.eos_token_id,
+                                                                self.tokenizer.pad_token_id)
+        input_ids = torch.cat([prompts, response_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+        prompt_len = prompts.shape[1]
+        with self.accelerator.autocast():
+            if self.logprobs_from_generation:
+                logprobs = sample_logprobs
+            else:
+                logprobs = logprobs_from_logits(response_logits(policy, input_ids, attention_mask, prompt_len),
+                                                response_ids, sampling.temperature)
+            with self.reference_model(policy) as reference:
+                ref_logprobs = logprobs_from_logits(response_logits(reference, input_ids, attention_mask, prompt_len),
+                                                    response_ids, sampling.temperature)
+            values = critic_values(critic, input_ids, attention_mask)[:, prompt_len - 1:-1]
+            scores = self.score(prompt_texts, prompts, prompt_mask, response_ids, response_mask)
+        scores = scores.to(prompts.device).float()
+        if sampling.missing_eos_penalty is not None:
+            # The RM never saw unfinished responses; without this the policy learns not to stop (docs/ppo.md#14).
+            scores = torch.where(ended, scores, scores - sampling.missing_eos_penalty)
+        return dict(prompt_ids=prompts, prompt_mask=prompt_mask, response_ids=response_ids,
+                    response_mask=response_mask, logprobs=logprobs.float(), ref_logprobs=ref_logprobs.float(),
+                    values=values.float(), scores=scores, ended=ended)
 
     def sample(self, policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,19 +482,20 @@ class PPOTrainer:
     def score(self, prompt_texts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
               response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
         """Extension point: (B,) scores of the episodes (reward model, or the reward function on text)."""
-        if self.reward_model is not None and self.same_vocabulary:
-            input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-            attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-            return self.reward_model.score(input_ids, attention_mask)
-        responses = self.decode_responses(response_ids, response_mask)
-        if self.reward_model is not None:  # different tokenizer: re-encode the text as the RM was trained
-            encoded = [self.reward_tokenizer(p, add_special_tokens=True)["input_ids"]
-                       + self.reward_tokenizer(r, add_special_tokens=False)["input_ids"]
-                       + [self.reward_tokenizer.eos_token_id] for p, r in zip(prompt_texts, responses)]
-            device = prompt_ids.device
-            input_ids = pad_left(encoded, self.reward_tokenizer.pad_token_id).to(device)
-            attention_mask = pad_left([[1] * len(e) for e in encoded], 0).to(device)
-            return self.reward_model.score(input_ids, attention_mask)
+        with self.reward_scorer(self.critic_model) as reward_model:
+            if reward_model is not None and self.same_vocabulary:
+                input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+                attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+                return reward_model.score(input_ids, attention_mask)
+            responses = self.decode_responses(response_ids, response_mask)
+            if reward_model is not None:  # different tokenizer: re-encode the text as the RM was trained
+                encoded = [self.reward_tokenizer(p, add_special_tokens=True)["input_ids"]
+                           + self.reward_tokenizer(r, add_special_tokens=False)["input_ids"]
+                           + [self.reward_tokenizer.eos_token_id] for p, r in zip(prompt_texts, responses)]
+                device = prompt_ids.device
+                input_ids = pad_left(encoded, self.reward_tokenizer.pad_token_id).to(device)
+                attention_mask = pad_left([[1] * len(e) for e in encoded], 0).to(device)
+                return reward_model.score(input_ids, attention_mask)
         scores = self.reward_fn(list(prompt_texts), responses)
         if len(scores) != len(responses):
             raise UserError(f"reward.function: returned {len(scores)} scores for {len(responses)} responses")
@@ -433,62 +516,60 @@ class PPOTrainer:
         accumulated over micro-batches of ``training.batch_size`` episodes as a token-level mean."""
         config, ppo = self.config, self.config.ppo
         accelerator = self.accelerator
-        self.policy_model.train()
-        self.critic_model.train()
+        self.model.train()
         batch_size = rollout.scores.shape[0]
         minibatch_size = batch_size // ppo.num_minibatches
         micro_size = min(config.training.batch_size, minibatch_size)
         # A fixed stream per step, so a resumed run shuffles exactly as an unbroken one.
         generator = torch.Generator().manual_seed(config.training.seed * 7919 + step)
-        # Gradient clipping covers what the optimizer steps: with one optimizer over both models the
-        # global norm is the joint one (clipping the policy alone would leave the critic unclipped).
-        clip_scope = (self.policy_model if self.critic_optimizer is not None
-                      else torch.nn.ModuleList([self.policy_model, self.critic_model]))
+        # Clipping covers what the optimizer steps: each model on its own norm when they have their own
+        # learning rates (as two optimizers would), else the joint norm of both.
+        models = accelerator.unwrap_model(self.model)
+        clip_scopes = [models.policy, models.critic] if ppo.separate_optimizers else [models]
         totals: dict[str, float] = {}
         count = 0
         for _ in range(ppo.num_ppo_epochs):
             order = torch.randperm(batch_size, generator=generator).to(rollout.scores.device)
             for start in range(0, batch_size, minibatch_size):
                 minibatch = order[start:start + minibatch_size]
-                minibatch_tokens = rollout.response_mask[minibatch].sum().clamp(min=1)
+                # The loss is a token mean over the minibatch of every process: DDP averages gradients over
+                # processes, hence × num_processes over the tokens of all of them.
+                minibatch_tokens = accelerator.reduce(rollout.response_mask[minibatch].sum(), "sum").clamp(min=1)
+                minibatch_tokens = minibatch_tokens / accelerator.num_processes
+                if ppo.ptx_coef > 0:  # first, so the minibatch's last backward reduces everything at once
+                    with micro_batch_sync(accelerator, self.model, is_last=False):
+                        ptx_loss = self.ptx_loss(step * ppo.num_ppo_epochs * ppo.num_minibatches + count)
+                        accelerator.backward(ppo.ptx_coef * ptx_loss)
+                    totals["ptx_loss"] = totals.get("ptx_loss", 0.0) + float(ptx_loss.detach())
                 for micro_start in range(0, minibatch_size, micro_size):
                     micro = rollout.select(minibatch[micro_start:micro_start + micro_size])
                     weight = micro.response_mask.sum() / minibatch_tokens
-                    is_last = micro_start + micro_size >= minibatch_size
-                    with accelerator.no_sync(self.policy_model) if not is_last else contextlib.nullcontext():
-                        with accelerator.no_sync(self.critic_model) if not is_last else contextlib.nullcontext():
-                            with accelerator.autocast():
-                                loss, stats = self.compute_loss(micro)
-                            accelerator.backward(loss * weight)
+                    with micro_batch_sync(accelerator, self.model, is_last=micro_start + micro_size >= minibatch_size):
+                        with accelerator.autocast():
+                            loss, stats = self.compute_loss(micro)
+                        accelerator.backward(loss * weight)
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * float(weight)
-                if ppo.ptx_coef > 0:
-                    ptx_loss = self.ptx_loss(step * ppo.num_ppo_epochs * ppo.num_minibatches + count)
-                    accelerator.backward(ppo.ptx_coef * ptx_loss)
-                    totals["ptx_loss"] = totals.get("ptx_loss", 0.0) + float(ptx_loss.detach())
                 count += 1
-                grad_norm = optimizer_step(accelerator, clip_scope, self.policy_optimizer, self.policy_scheduler,
-                                           config.training.max_grad_norm)
+                grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler,
+                                           config.training.max_grad_norm, clip_scopes)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
-                if self.critic_optimizer is not None:
-                    optimizer_step(accelerator, self.critic_model, self.critic_optimizer, self.critic_scheduler,
-                                   config.training.max_grad_norm)
         return {key: value / count for key, value in totals.items()}
 
     def compute_loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Extension point: the loss of one micro-batch (token-level means over its response tokens).
 
-        L = L_clip + c_v·L_value − c_H·H (PPO-NOTES §2 "Total").
+        L = L_clip + c_v·L_value − c_H·H (docs/ppo.md#formulas, "Total").
         """
         ppo, sampling = self.config.ppo, self.config.sampling
         input_ids, attention_mask = batch.sequences()
         prompt_len = batch.prompt_ids.shape[1]
         mask = batch.response_mask
-        logits = response_logits(self.policy_model, input_ids, attention_mask, prompt_len)
+        logits, values = self.model(lambda policy, critic: (
+            response_logits(policy, input_ids, attention_mask, prompt_len),
+            critic_values(critic, input_ids, attention_mask)[:, prompt_len - 1:-1]))
         logprobs = logprobs_from_logits(logits, batch.response_ids, sampling.temperature)
         policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, ppo.clip_eps)
-        critic = self.critic_model
-        values = critic_values(critic, input_ids, attention_mask)[:, prompt_len - 1:-1]
         value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, ppo.value_clip_eps)
         entropy = masked_mean(entropy_from_logits(logits if ppo.entropy_coef > 0 else logits.detach(),
                                                   sampling.temperature), mask)
@@ -513,14 +594,14 @@ class PPOTrainer:
         objective = LanguageModelingObjective(self.tokenizer.pad_token_id)
         batch = {k: v.to(self.accelerator.device) for k, v in objective.collate(examples).items()}
         with self.accelerator.autocast():
-            loss_sum, _ = objective.loss_sum(self.policy_model, batch)
+            loss_sum, _ = self.model(lambda policy, critic: objective.loss_sum(policy, batch))
         return loss_sum / max(objective.count_units(batch), 1)
 
     # ------------------------------------------------------------------ 5: metrics and samples
 
     def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
         mask = rollout.response_mask
-        sequence_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1)  # objective/kl (PPO-NOTES §2)
+        sequence_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(1)  # objective/kl (docs/ppo.md#formulas)
         scores = rollout.scores
         return {
             "reward/mean": float(scores.mean()),
@@ -550,10 +631,19 @@ class PPOTrainer:
 
 # ----------------------------------------------------------------------------- helpers
 
-def critic_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token values in reward units (the critic's head output with the RM's normalisation)."""
-    unwrapped = critic.module if hasattr(critic, "module") else critic
-    return unwrapped.normalize(critic(input_ids, attention_mask))
+def critic_values(critic: ScalarHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token values in reward units (the critic's head output with the RM's normalisation)."""
+    return critic.normalize(critic(input_ids, attention_mask))
+
+
+def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the processes (each holds the same number of episodes), so the log is the
+    whole batch's, not rank 0's; a standard deviation becomes the mean of the per-process ones."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[key] for key in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(values, "mean").tolist()))
 
 
 def freeze(model: torch.nn.Module) -> None:

@@ -3,11 +3,11 @@
 r(x, y) is the scalar head read at the EOS closing prompt x + response y. For each prompt with
 responses ranked by people, the loss is the mean over its ordered pairs (y_w ≻ y_l) of
 −log σ(r(x, y_w) − r(x, y_l) − margin), and the batch loss is the mean over prompts: a prompt
-counts once however many responses it has (InstructGPT §3.5; PPO-NOTES items 1–8). All responses
+counts once however many responses it has (InstructGPT §3.5; docs/ppo.md#1 to #8). All responses
 of a batch go through the model in one forward.
 
 After training the reward is centred (optionally scaled) on a reference set, so the mean reward
-there is 0 (PPO-NOTES item 6: the loss is blind to a constant shift, but the KL coefficient and
+there is 0 (docs/ppo.md#6: the loss is blind to a constant shift, but the KL coefficient and
 the value clip of PPO are in reward units). The statistics go into ``final/``'s config.
 """
 
@@ -31,7 +31,9 @@ from rlhf.models import (
     has_trained_head,
     load_scalar_model,
     load_tokenizer,
+    make_trainable,
     resolve_max_length,
+    save_merged,
 )
 from rlhf.preference import (
     chosen_sequences,
@@ -45,6 +47,7 @@ from rlhf.scoring import raw_scores
 from rlhf.training import (
     MetricsLogger,
     SupervisedLoop,
+    full_weights,
     save_pretrained_atomic,
     start_run,
     write_jsonl,
@@ -182,6 +185,7 @@ class RewardTrainer:
         run, accelerator, resume_from = start_run(config, resume)
 
         self.model, self.tokenizer = self.build_model()
+        make_trainable(self.model, config.model.lora, config.training.gradient_checkpointing)
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
         reference = self.normalization_sequences(train_examples, eval_examples, max_length)  # fail before training
@@ -202,17 +206,20 @@ class RewardTrainer:
         if accelerator.is_main_process:
             log_held_out(run.metrics_path)
 
-        model = accelerator.unwrap_model(loop.model)
-        mean, std = self.fit_normalization(accelerator, model, reference)
+        # Each process scores its (uneven) share of the normalisation set: with sharded weights, gathered for it.
+        with full_weights(accelerator, loop.model) as model:
+            mean, std = self.fit_normalization(accelerator, model, reference)
         model.set_normalization(mean, std)
         logger.info("reward normalisation on %s (%d responses): mean %.6g, std %.6g", config.normalization.set,
                     len(reference), mean, std)
         MetricsLogger(accelerator, run.metrics_path).log(state.step, {"normalization/mean": mean,
                                                                       "normalization/std": std})
 
-        save_pretrained_atomic(accelerator, loop.model, self.tokenizer, run.final_dir)
-        if accelerator.is_main_process and config.logging.num_samples:
-            self.write_samples(model, eval_examples or train_examples, run.path("samples.jsonl"))
+        save_pretrained_atomic(accelerator, loop.model, self.tokenizer, run.final_dir, save_merged(config.model))
+        if config.logging.num_samples:
+            with full_weights(accelerator, loop.model) as model:  # every process enters; the main one writes
+                if accelerator.is_main_process:
+                    self.write_samples(model, eval_examples or train_examples, run.path("samples.jsonl"))
         accelerator.end_training()
         logger.info("RM done: %s", run.final_dir)
         return run.final_dir
@@ -259,7 +266,7 @@ class RewardTrainer:
 
     def normalization_sequences(self, train_examples: list[dict], eval_examples: list[dict],
                                 max_length: int) -> list[list[int]]:
-        """Token sequences of the normalisation set (PPO-NOTES item 6); empty for 'none'."""
+        """Token sequences of the normalisation set (docs/ppo.md#6); empty for 'none'."""
         norm = self.config.normalization
         if norm.set == "none":
             return []

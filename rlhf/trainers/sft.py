@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
-from rlhf.models import adopt_model, kept_logits, load_causal_lm, resolve_max_length
-from rlhf.training import SupervisedLoop, save_pretrained_atomic, start_run, write_jsonl
+from rlhf.models import adopt_model, kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged
+from rlhf.training import SupervisedLoop, full_weights, save_pretrained_atomic, start_run, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class SFTTrainer:
             raise ValueError("pass the tokenizer together with the model")
         else:
             adopt_model(self.model, self.tokenizer, config.model)
+        make_trainable(self.model, config.model.lora, config.training.gradient_checkpointing)
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
 
@@ -101,10 +102,12 @@ class SFTTrainer:
                     len(eval_examples), loop.total_steps)
         loop.train(resume_from=resume_from)
 
-        save_pretrained_atomic(accelerator, loop.model, self.tokenizer, run.final_dir)
-        if accelerator.is_main_process and config.logging.num_samples:
-            self.write_samples(accelerator.unwrap_model(loop.model), eval_examples or train_examples,
-                               run.path("samples.jsonl"))
+        save_pretrained_atomic(accelerator, loop.model, self.tokenizer, run.final_dir, save_merged(config.model))
+        if config.logging.num_samples:
+            # Every process enters: gathering sharded weights takes them all; then only the main one samples.
+            with full_weights(accelerator, loop.model) as model:
+                if accelerator.is_main_process:
+                    self.write_samples(model, eval_examples or train_examples, run.path("samples.jsonl"))
         accelerator.end_training()
         logger.info("SFT done: %s", run.final_dir)
         return run.final_dir

@@ -85,3 +85,56 @@ def test_missing_data_file_names_the_key_and_the_path(cli_results):
 def test_missing_column_names_the_file_and_the_columns_found(cli_results):
     line = error_line(cli_results["missing_column"])
     assert "qa.jsonl" in line and "'question', 'answer'" in line and "data.columns" in line
+
+
+# ----------------------------------------------------------------------------- discoverability (in-process: no import cost)
+
+def test_stage_help_lists_config_keys_by_block(capsys):
+    from rlhf.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["ppo", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "--print-config" in text and "--resume" in text
+    assert "\nppo: algorithm (block)" in text
+    assert "  ppo.kl_coef  (float, default: 0.05)" in text
+    assert "  sampling.top_k  (int, default: 0)" in text
+    assert "    policy.from_config.n_embd  (int, default: 128)" in text
+
+
+@pytest.mark.parametrize("command, config", [("sft", "configs/sft.yaml"), ("rm", "configs/rm_gpt2.yaml"),
+                                             ("ppo", "configs/ppo.yaml"), ("pipeline", "configs/pipeline.yaml")])
+def test_print_config_writes_yaml_that_loads_back_unchanged(command, config, capsys, tmp_path):
+    from rlhf.cli import config_class_of, main
+    from rlhf.config import load_config
+
+    overrides = ["seed=5", "rm.training.lr=2e-4"] if command == "pipeline" else ["training.lr=2e-4", "overwrite=true"]
+    assert main([command, "--config", os.path.join(REPO, config), "--print-config", *overrides]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and printed.out.startswith(f"# rlhf {command} config: ")
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed.out, encoding="utf-8")
+    expected = load_config(config_class_of(command), os.path.join(REPO, config), overrides)
+    assert load_config(config_class_of(command), str(path)) == expected
+
+
+def test_print_config_of_the_defaults_needs_no_config_file(capsys):
+    from rlhf.cli import main
+
+    assert main(["rm", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    parsed = yaml.safe_load(text)
+    assert parsed["model"]["name_or_path"] == "runs/sft/final" and parsed["head_init"] == "normal"
+    assert "# from_config:\n  #   n_layer: 4" in text  # a null block shows what it would take
+
+
+def test_missing_config_and_bad_override_in_print_config_are_one_line(capsys):
+    from rlhf.cli import main
+
+    assert main(["sft"]) == 2
+    assert capsys.readouterr().err == ("rlhf sft: error: --config is required; `rlhf sft --print-config` writes a "
+                                       "commented config to start from\n")
+    assert main(["sft", "--print-config", "training.lrr=1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("rlhf sft: error: config: unknown key 'training.lrr'")

@@ -1,4 +1,4 @@
-"""The PPO stage on a tiny GPT-2 (2 layers, width 32): the oracles of PPO-NOTES §4 that need a trainer.
+"""The PPO stage on a tiny GPT-2 (2 layers, width 32): the test oracles of docs/ppo.md#oracles that need a trainer.
 
 The RL math itself is tested by hand in tests/unit/test_functional.py and the sampler in
 tests/unit/test_generation.py; here we check what only the assembled trainer can get wrong:
@@ -149,7 +149,7 @@ def reward_model_dir(tokenizer_dir, tmp_path_factory) -> str:
     return directory
 
 
-# ----------------------------------------------------------------------------- first update (items 6, 11)
+# ----------------------------------------------------------------------------- first update (docs/ppo.md#oracle-6, docs/ppo.md#oracle-11)
 
 @pytest.mark.parametrize("from_generation", [False, True])
 def test_first_update_has_ratio_one_and_zero_kl_when_policy_is_the_reference(tokenizer_dir, tmp_path,
@@ -181,7 +181,7 @@ def test_rollout_logprobs_come_from_sampling_by_default_only_when_the_temperatur
     assert trainer.logprobs_from_generation is expected  # fp32 on CPU: the precision condition holds
 
 
-# ----------------------------------------------------------------------------- frozen models (item 14)
+# ----------------------------------------------------------------------------- frozen models (docs/ppo.md#oracle-14)
 
 class GradientCheckingTrainer(RecordingTrainer):
     """Checks the frozen models between two backward passes of the first minibatch (before its optimizer step)."""
@@ -220,7 +220,7 @@ def test_no_gradient_reaches_the_reference_or_the_reward_model(tokenizer_dir, tm
     assert all(torch.equal(current[name], saved[name]) for name in saved)
 
 
-# ----------------------------------------------------------------------------- dropout (items 15, 35)
+# ----------------------------------------------------------------------------- dropout (docs/ppo.md#oracle-15, docs/ppo.md#35)
 
 def test_dropout_is_really_off(tokenizer_dir):
     input_ids = torch.randint(0, 200, (2, 12))
@@ -265,7 +265,7 @@ def test_a_policy_passed_in_with_a_pad_less_tokenizer_gets_a_dedicated_pad(token
     assert trainer.first_logprob_gap <= 1e-5
 
 
-# ----------------------------------------------------------------------------- critic initialisation (item 16)
+# ----------------------------------------------------------------------------- critic initialisation (docs/ppo.md#oracle-16)
 
 def test_critic_from_the_reward_model_predicts_its_score_before_any_update(tokenizer_dir, tmp_path,
                                                                            reward_model_dir):
@@ -292,7 +292,7 @@ def test_critic_from_the_policy_starts_at_zero(tokenizer_dir, tmp_path):
     assert torch.equal(trainer.rollouts[0].values, torch.zeros_like(trainer.rollouts[0].values))
 
 
-# ----------------------------------------------------------------------------- truncation, missing EOS (items 12-14)
+# ----------------------------------------------------------------------------- truncation, missing EOS (docs/ppo.md#oracle-12, docs/ppo.md#13, docs/ppo.md#14)
 
 class EndingTrainer(RecordingTrainer):
     """Forces an EOS at response position 2 in even rows (with ordinary tokens sampled after it)
@@ -395,7 +395,7 @@ def test_ppo_raises_a_known_reward_with_finite_kl(word_tokenizer_dir, tmp_path):
     assert metrics[-1]["kl"] > 0  # it moved away from the reference, and the KL measures it
 
 
-# ----------------------------------------------------------------------------- resume and outputs (items 8, 12)
+# ----------------------------------------------------------------------------- resume and outputs (docs/stages.md#run-directory)
 
 REWARD_MODULE = '''
 def letter_a_reward(prompts, responses):
@@ -424,12 +424,14 @@ def unbroken_run(tokenizer_dir, tmp_path_factory):
 
 
 def test_resume_gives_bitwise_the_unbroken_final(unbroken_run):
-    root, config, _ = unbroken_run
-    unbroken = root / "unbroken"
+    root, _, _ = unbroken_run
+    assert_resume_gives_the_unbroken_run(root / "unbroken", root / "broken")
+
+
+def assert_resume_gives_the_unbroken_run(unbroken, broken):
+    """Resume a copy of ``unbroken`` "killed" after its last step was logged but before final/ was written
+    (its config, its step-2 checkpoint and the logs as they stood): the same final/, metrics and samples."""
     assert sorted(os.listdir(unbroken / "checkpoints")) == ["step-2"]
-    # "Killed" after step 4 was logged but before final/ was written: a copy with the config,
-    # the step-2 checkpoint and the logs as they stood.
-    broken = root / "broken"
     broken.mkdir()
     for name in ("config.yaml", "metrics.jsonl", "samples.jsonl"):
         shutil.copy(unbroken / name, broken / name)
@@ -491,7 +493,7 @@ def test_final_loads_in_plain_transformers_and_generates(unbroken_run):
         assert torch.allclose(reloaded, critic(input_ids, attention_mask), atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- PPO-ptx (items 14, 43)
+# ----------------------------------------------------------------------------- PPO-ptx (docs/ppo.md#oracle-14, docs/ppo.md#43)
 
 class BackwardRecordingTrainer(RecordingTrainer):
     """Records every scalar that reaches ``accelerator.backward`` and every ptx loss."""
@@ -532,10 +534,10 @@ def test_ptx_adds_exactly_its_coefficient_times_the_nll(tokenizer_dir, tmp_path,
     trainer = run_tiny_ppo(tmp_path, tokenizer_dir, BackwardRecordingTrainer,
                            ppo={"ptx_coef": ptx_coef, "ptx_data": ptx_data if ptx_coef else None,
                                 "ptx_batch_size": 4})
-    per_minibatch = 3 if ptx_coef else 2  # 2 micro-batches of PPO loss, then the ptx term if any
+    per_minibatch = 3 if ptx_coef else 2  # the ptx term if any, then 2 micro-batches of PPO loss
     assert len(trainer.backward_values) == 4 * per_minibatch  # 2 epochs × 2 minibatches
     assert len(trainer.loss_calls) == 8
-    ppo_terms = [v for i, v in enumerate(trainer.backward_values) if i % per_minibatch < 2]
+    ppo_terms = [v for i, v in enumerate(trainer.backward_values) if i % per_minibatch >= per_minibatch - 2]
     # Each micro-batch's token-mean loss enters with its share of the minibatch's tokens, so the
     # two shares sum to 1: the backward'd PPO part is exactly the minibatch's token-mean loss.
     shares = [term / call["loss"] for term, call in zip(ppo_terms, trainer.loss_calls)]
@@ -545,7 +547,7 @@ def test_ptx_adds_exactly_its_coefficient_times_the_nll(tokenizer_dir, tmp_path,
     if not ptx_coef:
         assert trainer.ptx_values == [] and "ptx_loss" not in metrics
         return
-    ptx_terms = trainer.backward_values[2::3]
+    ptx_terms = trainer.backward_values[0::3]
     assert len(trainer.ptx_values) == 4
     assert ptx_terms == [ptx_coef * value for value in trainer.ptx_values]
     assert metrics["ptx_loss"] == pytest.approx(sum(trainer.ptx_values) / 4)
@@ -608,23 +610,29 @@ def test_unimportable_reward_function_is_a_user_error_at_setup(tokenizer_dir, tm
 @pytest.mark.parametrize("separate", [True, False])
 def test_gradient_clipping_covers_every_parameter_the_optimizer_steps(tokenizer_dir, tmp_path, monkeypatch,
                                                                       separate):
+    """One optimizer over policy and critic; separate_optimizers: the critic's groups at critic_lr and each
+    model clipped on its own norm (what two optimizers do), else one lr and the joint norm."""
     import rlhf.trainers.ppo as ppo_module
 
     calls = []
     optimizer_step = ppo_module.optimizer_step
 
-    def recording_step(accelerator, model, optimizer, scheduler, max_grad_norm):
-        clipped = {id(p) for p in model.parameters()}
+    def recording_step(accelerator, model, optimizer, scheduler, max_grad_norm, clip_scopes):
+        scopes = [{id(p) for p in scope.parameters() if p.requires_grad} for scope in clip_scopes]
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        calls.append((clipped, stepped))
-        return optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm)
+        calls.append((scopes, stepped, sorted({group["lr"] for group in optimizer.param_groups})))
+        return optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm, clip_scopes)
 
     monkeypatch.setattr(ppo_module, "optimizer_step", recording_step)
-    trainer = run_tiny_ppo(tmp_path, tokenizer_dir, ppo={"separate_optimizers": separate})
-    assert len(calls) == 4 * (2 if separate else 1)  # 2 epochs × 2 minibatches
-    assert all(clipped == stepped for clipped, stepped in calls)
-    critic_parameters = {id(p) for p in trainer.critic_model.parameters()}
-    assert any(critic_parameters <= stepped for _, stepped in calls)
+    trainer = run_tiny_ppo(tmp_path, tokenizer_dir, ppo={"separate_optimizers": separate, "critic_lr": 1e-3},
+                           training={"lr": 5e-3, "lr_scheduler": "constant"})
+    assert len(calls) == 4  # 2 epochs × 2 minibatches, one optimizer step each
+    policy = {id(p) for p in trainer.policy_model.parameters()}
+    critic = {id(p) for p in trainer.critic_model.parameters()}
+    for scopes, stepped, lrs in calls:
+        assert set().union(*scopes) == stepped == policy | critic
+        assert scopes == ([policy, critic] if separate else [policy | critic])
+        assert lrs == ([1e-3, 5e-3] if separate else [5e-3])
 
 
 def test_every_rollout_has_rollout_batch_size_episodes(tokenizer_dir, tmp_path):
@@ -635,3 +643,99 @@ def test_every_rollout_has_rollout_batch_size_episodes(tokenizer_dir, tmp_path):
     assert [rollout.scores.shape[0] for rollout in trainer.rollouts] == [8, 8]
     with pytest.raises(UserError, match="ppo.rollout_batch_size: 5 prompts cannot fill one rollout batch of 8"):
         run_tiny_ppo(tmp_path / "few", tokenizer_dir, prompts=prompt_rows(5))
+
+
+# ----------------------------------------------------------------------------- LoRA and gradient checkpointing
+
+def lora_blocks(reward_model_dir: str) -> dict:
+    """Policy and critic with adapters, the critic on the reward model's weights: two bases in all."""
+    lora = {"rank": 4, "alpha": 8.0}
+    from rlhf.config import LoraConfig
+
+    return dict(reward={"function": None, "model_path": reward_model_dir},
+                critic={"init": "reward", "lora": LoraConfig(**lora)},
+                policy={"lora": LoraConfig(**lora)})
+
+
+def test_lora_reference_and_reward_are_the_adapter_free_bases(tokenizer_dir, tmp_path, reward_model_dir):
+    pytest.importorskip("peft")
+    blocks = lora_blocks(reward_model_dir)
+    policy_block = blocks.pop("policy")
+    config = ppo_config(tmp_path / "run", tokenizer_dir, **blocks, training={"max_steps": 2, "lr": 2e-2})
+    config.policy = dataclasses.replace(config.policy, lora=policy_block["lora"])
+    policy, tokenizer = load_causal_lm(config.policy, seed=0)
+    initial_policy = {name: value.clone() for name, value in policy.state_dict().items()}
+    trainer = RecordingTrainer(config, policy=policy, tokenizer=tokenizer, prompts=prompt_rows())
+    trainer.train()
+    # No second copy of either base: the reference is the policy, the reward model the critic, adapters off.
+    assert trainer.reference is None and trainer.reward_model is None and trainer.reward_in_critic
+
+    base, _ = load_causal_lm(config.policy.__class__(from_config=TINY, tokenizer=tokenizer_dir), seed=0)
+    base.eval()
+    reward_model = ScalarHeadModel(AutoModelForSequenceClassification.from_pretrained(reward_model_dir)).eval()
+    rollout = trainer.rollouts[1]  # after one update: the adapters have moved
+    input_ids, attention_mask = rollout.sequences()
+    prompt_len = rollout.prompt_ids.shape[1]
+    mask = rollout.response_mask.bool()
+    with torch.no_grad():
+        base_logprobs = logprobs_from_logits(response_logits(base, input_ids, attention_mask, prompt_len),
+                                             rollout.response_ids, config.sampling.temperature)
+        rm_scores = reward_model.score(input_ids, attention_mask)
+    torch.testing.assert_close(rollout.ref_logprobs[mask], base_logprobs[mask], atol=1e-6, rtol=0)
+    assert (rollout.logprobs - rollout.ref_logprobs)[mask].abs().max() > 1e-4  # the policy itself moved
+    ended = rollout.ended  # unfinished episodes carry the missing-EOS penalty on top of the score
+    penalty = config.sampling.missing_eos_penalty
+    torch.testing.assert_close(rollout.scores, torch.where(ended, rm_scores, rm_scores - penalty), atol=1e-5, rtol=0)
+
+    # Only adapters (and the critic's head copy) trained: the merged final/ differs from the SFT weights
+    # in the adapted matrices alone; the value model also in its head.
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").state_dict()
+    moved = {name for name, value in final.items() if not torch.equal(value, initial_policy[name])}
+    assert moved and all(name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for name in moved)
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "value_model").state_dict()
+    saved_rm = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).state_dict()
+    moved = {name for name, weights in value.items() if not torch.equal(weights, saved_rm[name])}
+    assert "score.weight" in moved
+    assert all(name == "score.weight" or name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+               for name in moved), moved
+    assert os.path.isfile(tmp_path / "run" / "final" / "adapter" / "adapter_config.json")
+    trainable = {name for name, p in trainer.policy_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_lora_resume_gives_bitwise_the_unbroken_final(tokenizer_dir, tmp_path, reward_model_dir):
+    pytest.importorskip("peft")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": row["prompt"]} for row in make_rows(16)])
+    blocks = lora_blocks(reward_model_dir)
+    policy = dataclasses.replace(policy_config(tokenizer_dir), lora=blocks.pop("policy")["lora"])
+    config = ppo_config(tmp_path / "unbroken", tokenizer_dir, data={"path": prompts}, **blocks,
+                        training={"max_steps": 4, "save_every": 2, "lr_scheduler": "linear"})
+    config.policy = policy
+    PPOTrainer(config).train()
+    assert_resume_gives_the_unbroken_run(tmp_path / "unbroken", tmp_path / "broken")
+
+
+def test_gradient_checkpointing_leaves_the_ppo_losses_unchanged(tokenizer_dir, tmp_path):
+    runs = {}
+    for checkpointing in (False, True):
+        trainer = run_tiny_ppo(tmp_path / str(checkpointing), tokenizer_dir,
+                               training={"gradient_checkpointing": checkpointing, "max_steps": 2})
+        runs[checkpointing] = trainer.loss_calls
+        # Checkpointing is on the trained models only (the reference never runs a backward).
+        assert trainer.policy_model.transformer.gradient_checkpointing is checkpointing
+        assert trainer.critic_model.model.transformer.gradient_checkpointing is checkpointing
+        assert not trainer.reference.transformer.gradient_checkpointing
+    assert len(runs[True]) == len(runs[False]) == 16
+    for with_checkpoints, without in zip(runs[True], runs[False]):
+        assert with_checkpoints == pytest.approx(without, abs=1e-6)
+
+
+def test_lora_dropout_is_refused_in_ppo(tokenizer_dir, tmp_path):
+    from rlhf.config import LoraConfig
+
+    config = ppo_config(tmp_path, tokenizer_dir)
+    config.policy = dataclasses.replace(config.policy, lora=LoraConfig(dropout=0.1))
+    config.critic = dataclasses.replace(config.critic, lora=LoraConfig(dropout=0.05))
+    message = error_of(config)
+    assert "policy.lora.dropout: 0.1" in message and "critic.lora.dropout: 0.05" in message
+    assert "docs/ppo.md#35" in message

@@ -93,7 +93,7 @@ def trained_rm(tokenizer_dir, tmp_path_factory):
     return config, final_dir, evaluation
 
 
-# ----------------------------------------------------------------------------- the objective (PPO-NOTES §4 item 8)
+# ----------------------------------------------------------------------------- the objective (docs/ppo.md#oracle-8)
 
 def test_objective_weighs_prompts_not_pairs(tiny_model):
     model, tokenizer = tiny_model
@@ -176,11 +176,11 @@ def test_built_model_has_dropout_off_a_normal_head_and_a_pad_token(tokenizer_dir
     config.model.from_config = ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64, dropout=0.3)
     model, tokenizer = RewardTrainer(config).build_model()
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
-    model.train()  # dropout off (PPO-NOTES item 7): train mode is deterministic
+    model.train()  # dropout off (docs/ppo.md#7): train mode is deterministic
     ids = torch.tensor([[5, 6, 7, tokenizer.eos_token_id]])
     mask = torch.ones_like(ids)
     assert torch.equal(model.raw_score(ids, mask), model.raw_score(ids, mask))
-    # Head N(0, 1/sqrt(d+1)) (PPO-NOTES item 3): 32 weights, std 1/sqrt(33) ≈ 0.174
+    # Head N(0, 1/sqrt(d+1)) (docs/ppo.md#3): 32 weights, std 1/sqrt(33) ≈ 0.174
     assert 0.08 < model.head.weight.std().item() < 0.3 and model.head.weight.shape == (1, 32)
 
 
@@ -215,7 +215,7 @@ def test_head_init_keep_continues_a_reward_model_and_refuses_a_causal_lm(trained
         fresh.validate()
 
 
-# ----------------------------------------------------------------------------- the score (PPO-NOTES §4 item 9)
+# ----------------------------------------------------------------------------- the score (docs/ppo.md#oracle-9)
 
 def test_score_ignores_padding_side_amount_and_tokens_after_the_last_valid_one(tiny_model):
     model, tokenizer = tiny_model
@@ -332,6 +332,24 @@ def test_score_command_scores_a_file(trained_rm, tmp_path, capsys):
     assert scored[0]["score"] > scored[1]["score"]
     assert main(["score", "--model", final_dir, "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "rlhf score: error: --data: file" in capsys.readouterr().err
+    # --device: where the model runs; a device this machine lacks is one line, not a traceback.
+    on_cpu = str(tmp_path / "cpu.jsonl")
+    assert main(["score", "--model", final_dir, "--data", data, "--output", on_cpu, "--device", "cpu"]) == 0
+    assert [json.loads(line) for line in open(on_cpu, encoding="utf-8")] == scored
+    for device, expected in (("gpu0", "'gpu0' is not a device"), ("cuda:7", "'cuda:7' requested")):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        assert main(["score", "--model", final_dir, "--data", data, "--device", device]) == 2
+        assert f"rlhf score: error: --device: {expected}" in capsys.readouterr().err
+
+
+def test_score_device_defaults_to_the_accelerator():
+    from accelerate import PartialState
+
+    from rlhf.scoring import resolve_device
+
+    assert resolve_device(None) == PartialState().device
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_resume_gives_bitwise_the_uninterrupted_final(tokenizer_dir, tmp_path, monkeypatch):

@@ -3,10 +3,14 @@ lines, and the train_runtime_s the trainers log for it. No TRL, no workload, no 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import os
 import re
+import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,44 +27,88 @@ from tests.conftest import make_rows, tiny_sft_config  # noqa: E402
 
 # ----------------------------------------------------------------------------- the workload check
 
-def write_workload(root: Path, files: dict[str, bytes], version: int = 1) -> None:
+def write_workload(root: Path, files: dict[str, bytes], version: int = 1,
+                   generated_with: dict | None = None) -> dict[str, str]:
+    """A workload of ``files`` with its MANIFEST.json; returns its hashes (to pass as the published ones)."""
     for name, content in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(content)
+    hashes = {name: hashlib.sha256(content).hexdigest() for name, content in files.items()}
     manifest = {"workload_version": version,
-                "files": {name: {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
-                          for name, content in files.items()}}
+                "files": {name: {"sha256": hashes[name], "bytes": len(content)} for name, content in files.items()},
+                "generated_with": generated_with or {"tokenizers": "0.23.3", "torch": "2.13.0+cpu"}}
     (root / "MANIFEST.json").write_text(json.dumps(manifest))
+    return hashes
 
 
 FILES = {"sft.jsonl": b'{"prompt": "a", "completion": "b"}\n', "model/config.json": b"{}"}
 
 
 def test_manifest_check_accepts_the_files_it_lists(tmp_path):
-    write_workload(tmp_path, FILES)
-    assert set(bench_common.verify_workload(tmp_path)["files"]) == set(FILES)
+    published = write_workload(tmp_path, FILES)
+    assert set(bench_common.verify_workload(tmp_path, published)["files"]) == set(FILES)
 
 
 def test_manifest_check_names_a_changed_file_and_the_fix(tmp_path):
-    write_workload(tmp_path, FILES)
+    published = write_workload(tmp_path, FILES)
     (tmp_path / "model" / "config.json").write_bytes(b'{"n_layer": 7}')
-    with pytest.raises(bench_common.WorkloadError, match=r"model/config\.json differs .*bash \.\./shared/bench/setup\.sh"):
-        bench_common.verify_workload(tmp_path)
+    with pytest.raises(bench_common.WorkloadError,
+                       match=r"model/config\.json differs from MANIFEST\.json .*; run make bench-setup$"):
+        bench_common.verify_workload(tmp_path, published)
 
 
 def test_manifest_check_names_a_missing_file(tmp_path):
-    write_workload(tmp_path, FILES)
+    published = write_workload(tmp_path, FILES)
     (tmp_path / "sft.jsonl").unlink()
     with pytest.raises(bench_common.WorkloadError, match=r"sft\.jsonl listed in MANIFEST\.json is missing"):
-        bench_common.verify_workload(tmp_path)
+        bench_common.verify_workload(tmp_path, published)
 
 
 def test_manifest_check_without_a_workload_or_of_another_version(tmp_path):
-    with pytest.raises(bench_common.WorkloadError, match=r"MANIFEST\.json not found; run bash"):
+    with pytest.raises(bench_common.WorkloadError, match=r"MANIFEST\.json not found; run make bench-setup"):
         bench_common.verify_workload(tmp_path / "nowhere")
     write_workload(tmp_path, FILES, version=2)
     with pytest.raises(bench_common.WorkloadError, match="version 2, expected 1"):
         bench_common.verify_workload(tmp_path)
+
+
+def test_a_workload_generated_by_other_versions_is_named_in_one_line(tmp_path):
+    # Faithful to its own MANIFEST.json, but not the published bytes: e.g. another tokenizers release.
+    published = write_workload(tmp_path, FILES, generated_with={"tokenizers": "0.99.0", "torch": "2.13.0+cpu"})
+    published["sft.jsonl"] = "0" * 64
+    with pytest.raises(bench_common.WorkloadError) as error:
+        bench_common.verify_workload(tmp_path, published)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{tmp_path / 'sft.jsonl'} differs from the published workload (benchmarks/workload.sha256)" in message
+    assert "generated with tokenizers 0.99.0, torch 2.13.0+cpu" in message
+    assert "requirements-trl116.txt" in message and message.endswith("run make bench-setup")
+
+
+def test_a_workload_with_files_other_than_the_published_ones_is_refused(tmp_path):
+    published = write_workload(tmp_path, FILES)
+    with pytest.raises(bench_common.WorkloadError, match=r"ppo\.jsonl is missing \(the published workload has it\)"):
+        bench_common.verify_workload(tmp_path, {**published, "ppo.jsonl": "0" * 64})
+    del published["sft.jsonl"]
+    with pytest.raises(bench_common.WorkloadError, match=r"sft\.jsonl is not part of the published workload"):
+        bench_common.verify_workload(tmp_path, published)
+
+
+def test_by_default_the_check_is_against_the_published_hashes_in_the_repository(tmp_path):
+    write_workload(tmp_path, FILES)  # not the real workload: its first file differs from the published one
+    with pytest.raises(bench_common.WorkloadError, match=r"model/config\.json differs from the published workload"):
+        bench_common.verify_workload(tmp_path)
+
+
+def test_the_published_hashes_cover_the_whole_workload():
+    published = bench_common.read_published_hashes()
+    assert sorted(published) == ["model/config.json", "model/generation_config.json", "model/model.safetensors",
+                                 "ppo.jsonl", "pref.jsonl", "sft.jsonl", "tokenizer/tokenizer.json",
+                                 "tokenizer/tokenizer_config.json"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in published.values())
+    # the file is sha256sum's format, so `sha256sum -c` checks a workload with it too
+    files = {name: {"sha256": digest, "bytes": 0} for name, digest in published.items()}
+    assert bench_common.PUBLISHED_HASHES.read_text().endswith(bench_common.format_published_hashes(files))
 
 
 def test_a_script_reports_a_bad_workload_in_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
@@ -69,7 +117,20 @@ def test_a_script_reports_a_bad_workload_in_one_line_and_exits_2(tmp_path, monke
         bench_common.verified_workload_or_exit()
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "MANIFEST.json" in error and "setup.sh" in error
+    assert "\n" not in error and "MANIFEST.json" in error and "make bench-setup" in error
+
+
+def test_the_generator_check_mode_names_the_file_that_differs(tmp_path, monkeypatch, capsys):
+    import workload  # no torch, tokenizers or transformers at import: it loads them only to generate
+
+    write_workload(tmp_path, FILES)
+    assert workload.main(["--check", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "model/config.json differs from the published workload" in error
+    # --print-hashes checks the files against their own manifest only, and prints sha256sum lines
+    assert workload.main(["--print-hashes", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == "".join(
+        f"{hashlib.sha256(FILES[name]).hexdigest()}  {name}\n" for name in sorted(FILES))
 
 
 def test_doubled_rows_repeat_only_the_text_fields():
@@ -123,7 +184,7 @@ def test_contaminated_runs_are_flagged_and_footnoted():
     summary = compare.summarize(canned_lines(), n_params=10_000_000)
     assert summary.flagged == [{"round": 2, "stage": "sft", "impl": "rlhf", "variant": "1x", "other_cpu_frac": 0.2}]
     assert summary.group("sft", "rlhf").flags == [False, True, False]
-    assert not any(summary.group("sft", "ceiling").flags)  # the ceiling does not measure it: never flagged
+    assert not any(summary.group("sft", "ceiling").flags)  # a line without a cpu measure: never flagged
     text = compare.report_text(summary)
     assert "1,000!" in text and "1,200," in text
     assert "round 2 sft rlhf 1x (0.200)" in text
@@ -146,7 +207,7 @@ def test_a_stage_not_run_reads_n_a():
 
 
 def test_each_stage_runs_the_optimizer_its_anchor_runs():
-    # SFT and RM: torch's default AdamW, as WORKLOAD.md and the TRL anchors (optim=adamw_torch);
+    # SFT and RM: torch's default AdamW, as the TRL anchors (they pass optim=adamw_torch);
     # PPO: the fused kernel, which TRL's PPO anchor gets from transformers' default.
     from rlhf.config import PPOConfig, RewardConfig, SFTConfig, from_dict, read_yaml
     from rlhf.training import fused_adamw_available
@@ -198,6 +259,150 @@ def test_a_crashed_run_names_its_command_and_stderr(tmp_path):
         compare.run_one([sys.executable, str(script)])
     script.write_text('print("log"); print(\'{"tokens_per_s": 5}\')\n')
     assert compare.run_one([sys.executable, str(script)]) == {"tokens_per_s": 5}
+
+
+# ----------------------------------------------------------------------------- self-contained
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+ANCHOR_SCRIPTS = ["trl_sft.py", "trl_rm.py", "trl_ppo.py", "torch_ceiling.py", "peak_flops.py"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("name", [*ANCHOR_SCRIPTS, "harness.py"])
+def test_the_anchors_compile_and_never_import_rlhf(name):
+    # They run in TRL's venvs, where rlhf is not installed; TRL is not installed here: parse only.
+    path = BENCH / "anchors" / name
+    compile(path.read_text(encoding="utf-8"), str(path), "exec")  # a syntax error fails here, as py_compile would
+    modules = imported_modules(path)
+    assert "rlhf" not in modules
+    if name != "harness.py":
+        source = path.read_text(encoding="utf-8")
+        first_import = next(line for line in source.splitlines() if line.startswith(("import ", "from ")))
+        assert first_import.startswith("import harness"), "harness must load first: it pins the threads before torch"
+
+
+def test_the_modules_the_anchors_share_stay_light():
+    # benchmarks/common.py and workload.py load in the anchors' venvs and in compare.py: stdlib only at
+    # module level (torch, transformers and rlhf are imported inside the functions that need them).
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for path in (BENCH / "common.py", BENCH / "workload.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        top_level |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+        assert top_level - stdlib <= {"common"}, path.name
+
+
+def test_compare_runs_scripts_of_this_repository(tmp_path):
+    places = compare.Places(venvs=tmp_path / "venvs", workload=tmp_path / "workload", python=sys.executable)
+    plan = compare.run_plan(places, list(compare.STAGES), rounds=2, skip_double=False, double_rounds=1)
+    scripts = {Path(argv[1]) for *_, argv in plan}
+    assert {path.name for path in scripts} == {*ANCHOR_SCRIPTS, "sft.py", "rm.py", "ppo.py"}
+    for path in scripts:
+        assert path.is_file() and REPO in path.parents, path
+    pythons = {argv[0] for *_, argv in plan}
+    assert pythons == {sys.executable, str(tmp_path / "venvs" / "trl116" / "bin" / "python"),
+                       str(tmp_path / "venvs" / "trl029" / "bin" / "python")}
+    # 2x-length only in round 1; the PPO anchor in TRL 0.29.1's venv
+    assert [entry[0] for entry in plan if entry[3] == "2x-length"] == [1, 1, 1]
+    assert next(argv for _, stage, impl, _, argv in plan if (stage, impl) == ("ppo", "trl"))[0].endswith("trl029/bin/python")
+
+
+def test_compare_without_the_anchor_venvs_says_make_bench_setup(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BENCH_VENVS", str(tmp_path / "venvs"))
+    monkeypatch.setenv("RLHF_BENCH_DIR", str(tmp_path / "workload"))
+    assert compare.main(["--rounds", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.endswith("not found (BENCH_VENVS); run make bench-setup")
+    for venv in ("trl116", "trl029"):
+        (tmp_path / "venvs" / venv / "bin").mkdir(parents=True)
+        (tmp_path / "venvs" / venv / "bin" / "python").touch()
+    assert compare.main(["--rounds", "1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("MANIFEST.json not found; run make bench-setup")
+
+
+def make_dry_run(target: str, home: Path) -> str:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {**os.environ, "HOME": str(home)}
+    for name in ("BENCH_VENVS", "RLHF_BENCH_DIR", "BENCH_ARGS", "PYTHON", "MAKEFLAGS", "MAKELEVEL"):
+        env.pop(name, None)  # the defaults, also when the tests themselves run under make
+    return subprocess.run(["make", "--no-print-directory", "-n", target], cwd=REPO, env=env, capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("target", ["bench-setup", "bench"])
+def test_make_bench_targets_name_no_path_outside_the_repository_but_the_cache(target, tmp_path):
+    cache = tmp_path / ".cache" / "rlhf-bench"
+    commands = make_dry_run(target, tmp_path)
+    assert "benchmarks/" in commands
+    for token in re.findall(r"[^\s\"'=;]*/[^\s\"'=;]*", commands):
+        if token.startswith("/"):
+            assert token.startswith((str(cache / "venvs"), str(cache / "workload"))), token
+        else:
+            assert ".." not in Path(token).parts, token
+    if target == "bench-setup":
+        assert f'BENCH_VENVS="{cache / "venvs"}"' in commands and f'RLHF_BENCH_DIR="{cache / "workload"}"' in commands
+        assert ".venv" not in commands  # TRL never enters the project's environment
+
+
+# What the benchmark used to need from beside the repository; spelt in pieces so that this file does
+# not name them itself (tests/unit/test_docs.py looks for such names in every file).
+OUTSIDE_NAMES = [".." + "/shared", "shared" + "/bench", "WORKLOAD" + ".md", "RESULTS" + ".md",
+                 "RLHF_BENCH_" + "SHARED", "run_" + "anchors"]
+
+
+def test_nothing_in_the_benchmark_names_files_outside_the_repository():
+    paths = [path for path in BENCH.rglob("*") if path.is_file() and path.suffix in {".py", ".sh", ".txt", ".yaml", ".md"}
+             and "results" not in path.parts and "__pycache__" not in path.parts]
+    paths += [REPO / "Makefile", REPO / "BENCHMARKS.md", REPO / "docs" / "benchmark.md"]
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        for outside in OUTSIDE_NAMES:
+            assert outside not in text, f"{path.relative_to(REPO)} names {outside}"
+
+
+def fake_python(path: Path, log: Path, exit_status: int = 0) -> Path:
+    """A stand-in interpreter that records its arguments (no venv is built, nothing is downloaded)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "$0 $*" >> "{log}"\nexit {exit_status}\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_bench_setup_leaves_built_venvs_alone(tmp_path):
+    # A venv whose stamp equals its requirements file counts as built: a second bench-setup only
+    # re-checks the workload (the generator, run here by the stand-in, does nothing when it matches).
+    venvs, log = tmp_path / "venvs", tmp_path / "calls.log"
+    for name in ("trl116", "trl029"):
+        fake_python(venvs / name / "bin" / "python", log)
+        shutil.copy(BENCH / "anchors" / f"requirements-{name}.txt", venvs / name / "rlhf-bench-requirements.txt")
+    env = {**os.environ, "BENCH_VENVS": str(venvs), "RLHF_BENCH_DIR": str(tmp_path / "workload"),
+           "PYTHON": str(fake_python(tmp_path / "system" / "python3", log))}
+    done = subprocess.run(["bash", str(BENCH / "setup_anchors.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("is up to date") == 2 and "building" not in done.stdout
+    calls = log.read_text().splitlines()
+    assert [call.split()[0] for call in calls] == [str(tmp_path / "system" / "python3"), str(venvs / "trl116" / "bin" / "python")]
+    assert calls[1].endswith(f"benchmarks/workload.py --out {tmp_path / 'workload'}")
+
+
+def test_bench_setup_refuses_a_python_older_than_trl_needs(tmp_path):
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "BENCH_VENVS": str(tmp_path / "venvs"), "RLHF_BENCH_DIR": str(tmp_path / "workload"),
+           "PYTHON": str(fake_python(tmp_path / "python3.10", log, exit_status=1))}
+    done = subprocess.run(["bash", str(BENCH / "setup_anchors.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "need Python >= 3.11" in done.stderr
+    assert not (tmp_path / "venvs").exists()
 
 
 # ----------------------------------------------------------------------------- train_runtime_s

@@ -208,3 +208,117 @@ def test_pipeline_skip_check_reads_a_saved_config_through_its_class(tmp_path):
     config.training.lr = RewardConfig().training.lr
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**saved, "key_from_the_future": 1}))
     assert run_stage(Trainer, config, force=False) is True
+
+
+# ----------------------------------------------------------------------------- --help and --print-config
+
+ALL_CONFIGS = ("SFTConfig", "RewardConfig", "PPOConfig", "PipelineConfig")
+
+
+def leaf_fields(config_class, prefix="", defaults=None):
+    """(dotted key, field, default) of every non-block key, walked independently of rlhf.config's walker."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    defaults = defaults if defaults is not None else config_class()
+    for f in dataclasses.fields(config_class):
+        options = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        nested = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        if nested is None:
+            yield prefix + f.name, f, getattr(defaults, f.name)
+        else:
+            yield from leaf_fields(nested, f"{prefix}{f.name}.", getattr(defaults, f.name))
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_help_lists_every_key_with_type_default_and_meaning(name):
+    import rlhf.config as configs
+
+    config_class = getattr(configs, name)
+    text = configs.key_help(config_class)
+    keys = list(leaf_fields(config_class))
+    assert len(keys) > 20
+    for key, f, default in keys:
+        assert f.metadata["help"], f"{key} has no help text"
+        line = next((line for line in text.splitlines() if line.strip().startswith(f"{key}  (")), None)
+        assert line is not None, f"{key} missing from --help"
+        assert f"default: {configs.yaml_value(default)})" in line, line
+        first_words = " ".join(f.metadata["help"].split()[:4])
+        assert first_words in " ".join(text.split()), f"{key}: help text missing"
+    # Types as a user reads them.
+    if name == "SFTConfig":
+        assert "training.lr  (float, default: 5.0e-05)" in text
+        assert "training.lr_scheduler  (one of cosine | linear | constant, default: cosine)" in text
+        assert "training.max_steps  (int or null, default: null)" in text
+        assert "model.from_config.n_layer  (int, default: 4)" in text  # keys of a null optional block too
+        assert "data.columns  (mapping of str to str, default: {})" in text
+
+
+def test_pipeline_help_points_stage_blocks_to_the_stage_help():
+    import rlhf.config as configs
+    from rlhf.cli import PIPELINE_STAGE_BLOCKS
+
+    text = configs.key_help(configs.PipelineConfig, PIPELINE_STAGE_BLOCKS)
+    assert "every key of `rlhf rm --help`, written rm.<key>" in text
+    assert "rm.training.lr" not in text  # not repeated three times over
+    assert "evaluation.samples_per_prompt  (int, default: 1)" in text
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_commented_yaml_of_the_defaults_loads_back_unchanged(name):
+    import rlhf.config as configs
+
+    config_class = getattr(configs, name)
+    text = configs.to_commented_yaml(config_class(), header="a header\nof two lines")
+    assert text.startswith("# a header\n# of two lines\n")
+    assert configs.from_dict(config_class, yaml.safe_load(text), "printed") == config_class()
+    for key, f, _ in leaf_fields(config_class):
+        if ".from_config." not in key:
+            assert f"{key.rsplit('.', 1)[-1]}:" in text, key
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".yaml")))
+def test_commented_yaml_of_every_shipped_config_with_overrides_loads_back(name, tmp_path):
+    import rlhf.config as configs
+
+    config_class = getattr(configs, STAGE_CLASSES[name.removesuffix(".yaml").split("_")[0]])
+    path = os.path.join(CONFIGS_DIR, name)
+    overrides = ["output_dir=runs/elsewhere", "seed=3"] if config_class is configs.PipelineConfig else [
+        "output_dir=runs/elsewhere", "training.lr=3e-5", "logging.report_to=[tensorboard]"]
+    expected = load_config(config_class, path, overrides)
+    printed = write_yaml(tmp_path, configs.to_commented_yaml(configs.resolve_config(config_class, path, overrides)))
+    assert load_config(config_class, printed) == expected
+
+
+def test_commented_yaml_keeps_awkward_strings():
+    import rlhf.config as configs
+
+    config = configs.RewardConfig()
+    config.data.assistant_marker = "\n\nAssistant: 'quoted' #not a comment"
+    config.data.columns = {"prompt": "yes", "chosen": "null"}  # YAML would read these bare as true / None
+    config.output_dir = "runs/a: b"
+    text = configs.to_commented_yaml(config)
+    assert configs.from_dict(configs.RewardConfig, yaml.safe_load(text), "printed") == config
+
+
+def test_resolve_config_checks_keys_and_types_but_not_cross_field_rules():
+    import rlhf.config as configs
+
+    config = configs.resolve_config(SFTConfig, None, ["training.lr=1e-3"])  # no model, no data: fine here
+    assert config.training.lr == 1e-3 and config.data.path == ""
+    with pytest.raises(UserError, match="unknown key 'training.lrr'"):
+        configs.resolve_config(SFTConfig, None, ["training.lrr=1e-3"])
+    with pytest.raises(UserError, match="data.path: required"):
+        load_config(SFTConfig, None, ["training.lr=1e-3"])
+
+
+def test_bare_no_in_yaml_is_the_choice_no_not_a_boolean(tmp_path):
+    """YAML 1.1 reads `mixed_precision: no` as false; for a field whose choices are words it means 'no'."""
+    config = load_config(SFTConfig, write_yaml(tmp_path, "training:\n  mixed_precision: no\n"),
+                         ["data.path=x", "model.name_or_path=m"])
+    assert config.training.mixed_precision == "no"
+    assert load_config(SFTConfig, None, ["data.path=x", "training.mixed_precision=no",
+                                         "model.name_or_path=m"]).training.mixed_precision == "no"
+    message = load_error(tmp_path, {**VALID, "training": {"lr_scheduler": False}})
+    assert "training.lr_scheduler: 'False' is not one of cosine, linear, constant" in message

@@ -314,3 +314,37 @@ def test_collate_sft_right_pads_with_ignored_labels():
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 0, 0]]))
     assert torch.equal(batch["labels"], torch.tensor([[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]))
     assert batch["input_ids"].dtype == torch.long
+
+
+# ----------------------------------------------------------------------------- PPO prompts from HH-style conversations
+
+HH_CHOSEN = "\n\nHuman: Name a pet.\n\nAssistant: A cat.\n\nHuman: Another one?\n\nAssistant: A dog, they are loyal."
+HH_REJECTED = "\n\nHuman: Name a pet.\n\nAssistant: A cat.\n\nHuman: Another one?\n\nAssistant: No."
+
+
+def test_ppo_prompts_from_hh_conversations_are_the_reward_models_prompts(tokenizer, caplog):
+    """The prompt is the conversation up to its last '\\n\\nAssistant:', answers cut off, as the RM splits it."""
+    from rlhf.data import tokenize_prompts
+    from rlhf.preference import split_conversation
+
+    rows = [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": None},  # one conversation only
+            {"chosen": "no turn markers at all", "rejected": "none here either"}]  # nothing to answer: skipped
+    table = datasets.Dataset.from_list(rows)
+    with caplog.at_level(logging.WARNING):
+        texts, ids = tokenize_prompts(table, tokenizer, 256, "hh.jsonl")  # format auto: 'chosen' -> conversation
+    expected = HH_CHOSEN[:HH_CHOSEN.rindex("\n\nAssistant:") + len("\n\nAssistant:")]
+    assert texts == [expected, "\n\nHuman: Hi\n\nAssistant:"]
+    assert texts[0] == split_conversation(HH_CHOSEN, HH_REJECTED)[0]  # the reward model's prompt exactly
+    assert "A dog" not in texts[0] and ids[0] == tokenizer(texts[0])["input_ids"]
+    assert "skipped 1 of 3 conversations without an 'Assistant:' turn" in caplog.text
+
+
+def test_prompt_format_is_checked_against_the_columns(tokenizer):
+    from rlhf.data import tokenize_prompts
+
+    table = datasets.Dataset.from_list([{"prompt": "Tell me about the cat.\n"}])
+    with pytest.raises(UserError, match=r"format 'conversation'.*'chosen'"):
+        tokenize_prompts(table, tokenizer, 64, "p.jsonl", data_format="conversation")
+    with pytest.raises(UserError, match=r"need a 'prompt', 'messages' or 'chosen'.*'question'"):
+        tokenize_prompts(datasets.Dataset.from_list([{"question": "x"}]), tokenizer, 64, "q.jsonl")

@@ -1,6 +1,6 @@
 """Hand-checked tests for rlhf.functional.
 
-Expected numbers are worked out in the comments (PPO-NOTES §2 and §4 give most of them);
+Expected numbers are worked out in the comments (docs/ppo.md#formulas and docs/ppo.md#oracles give most of them);
 property tests use fixed seeds. All run on CPU in well under a second each.
 """
 
@@ -45,7 +45,7 @@ def close(actual, expected, atol=ATOL):
 
 
 # ======================================================================================
-# Masked statistics and whitening (PPO-NOTES §4 item 10)
+# Masked statistics and whitening (docs/ppo.md#oracle-10)
 # ======================================================================================
 
 
@@ -123,7 +123,7 @@ def test_masked_whiten_gives_mean_zero_variance_one_and_ignores_pads():
 
 
 # ======================================================================================
-# Log-probabilities and entropy (items 10, 13)
+# Log-probabilities and entropy (docs/ppo.md#10, docs/ppo.md#oracle-13)
 # ======================================================================================
 
 
@@ -174,7 +174,7 @@ def test_entropy_matches_categorical():
 
 
 # ======================================================================================
-# KL estimators (item 6)
+# KL estimators (docs/ppo.md#oracle-6)
 # ======================================================================================
 
 
@@ -231,7 +231,7 @@ def test_kl_penalty_rejects_unknown_estimator():
 
 
 # ======================================================================================
-# Adaptive KL controller (item 7)
+# Adaptive KL controller (docs/ppo.md#oracle-7)
 # ======================================================================================
 
 
@@ -251,7 +251,7 @@ def test_adaptive_kl_coef(observed_kl, expected):
 
 
 # ======================================================================================
-# Truncation, t*, rewards (items 12, 40)
+# Truncation, t*, rewards (docs/ppo.md#oracle-12, docs/ppo.md#40)
 # ======================================================================================
 
 EOS, PAD = 2, 0
@@ -298,7 +298,7 @@ def test_last_valid_index():
 
 
 def test_per_token_rewards_masked_example():
-    # PPO-NOTES §2: m = (1, 1, 0), β = 0.1, k = (0.2, −0.1, garbage), s = 1
+    # docs/ppo.md#masked-example: m = (1, 1, 0), β = 0.1, k = (0.2, −0.1, garbage), s = 1
     # r_0 = −0.1·0.2 = −0.02;  r_1 = −0.1·(−0.1) + 1 = 1.01 (score at t* = 1, not 2);  r_2 = 0
     kl = torch.tensor([[0.2, -0.1, 123.0]])
     rewards = per_token_rewards(torch.tensor([1.0]), kl, torch.tensor([[1, 1, 0]]), kl_coef=0.1)
@@ -316,7 +316,7 @@ def test_per_token_rewards_score_lands_on_last_valid_token():
 
 
 # ======================================================================================
-# GAE (items 1, 2, 14)
+# GAE (docs/ppo.md#oracle-1, docs/ppo.md#oracle-2, docs/ppo.md#oracle-14)
 # ======================================================================================
 
 
@@ -450,7 +450,7 @@ def test_returns_are_computed_before_whitening():
 
 
 # ======================================================================================
-# Policy loss (items 3, 4)
+# Policy loss (docs/ppo.md#oracle-3, docs/ppo.md#oracle-4)
 # ======================================================================================
 
 ADVANTAGES = torch.tensor([[1.0, -2.0, 0.5]])
@@ -525,7 +525,7 @@ def test_policy_loss_stats_are_detached():
 
 
 # ======================================================================================
-# Value loss (item 5)
+# Value loss (docs/ppo.md#oracle-5)
 # ======================================================================================
 
 
@@ -583,7 +583,7 @@ def test_explained_variance_with_constant_returns_is_zero():
 
 
 # ======================================================================================
-# Pairwise ranking loss (item 8)
+# Pairwise ranking loss (docs/ppo.md#oracle-8)
 # ======================================================================================
 
 
@@ -727,7 +727,7 @@ def test_pairwise_accuracy_is_strict():
 
 
 # ======================================================================================
-# Positions and LM loss (items 11, 14)
+# Positions and LM loss (docs/ppo.md#11, docs/ppo.md#oracle-14)
 # ======================================================================================
 
 

@@ -1,7 +1,7 @@
 """The rollout sampler: logits filtering, stopping at EOS, and logprobs that a training forward reproduces.
 
 PPO divides by the rollout logprobs, so the sampler and the training forward must compute the
-same function (PPO-NOTES §4 item 11): same positions (exclusive cumsum of the mask on
+same function (docs/ppo.md#oracle-11): same positions (exclusive cumsum of the mask on
 left-padded rows), same temperature, dropout off, fp32. The negative controls show that each
 of those three really matters at the tolerance we test, so the positive test cannot pass by
 accident.
@@ -100,7 +100,7 @@ def test_top_k_and_top_p_together_keep_the_intersection():
     assert torch.isfinite(filtered)[0].tolist() == [False, True, False, False]
 
 
-# ----------------------------------------------------------------------------- logprob consistency (item 11)
+# ----------------------------------------------------------------------------- logprob consistency (docs/ppo.md#oracle-11)
 
 def test_generation_logprobs_equal_a_full_forward():
     model = tiny_gpt2()

@@ -174,7 +174,7 @@ def pad_row(ids: list[int], left: int, right: int, pad_id: int) -> tuple[list[in
 
 @torch.no_grad()
 def test_score_is_read_at_the_last_token_whatever_the_padding(scalar_model):
-    """PPO-NOTES §4 item 9: left, right and mixed padding leave the score unchanged (≤1e-5)."""
+    """docs/ppo.md#oracle-9: left, right and mixed padding leave the score unchanged (≤1e-5)."""
     model, tokenizer = scalar_model
     sequences = [tokenizer("The cat is very happy.")["input_ids"] + [tokenizer.eos_token_id],
                  tokenizer("The dog ran.")["input_ids"] + [tokenizer.eos_token_id]]
