@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from rlhf.errors import UserError
+from rlhf.errors import RunStopped, UserError
 
 STAGES = {
     "sft": ("SFTConfig", "rlhf.trainers.sft", "SFTTrainer", "supervised fine-tuning on demonstrations"),
@@ -114,15 +114,9 @@ def run_stage(name: str, config_path: str, overrides: list[str], resume: bool) -
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("transformers", "datasets", "accelerate", "urllib3", "filelock", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    from rlhf.logs import setup_cli_logging
 
-    # Keep the terminal to our progress and errors; a newly initialised score head is expected here.
-    transformers.utils.logging.set_verbosity_error()
+    setup_cli_logging()  # rlhf's lines on the terminal; libraries' and warnings in the run's run.log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"rlhf {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"rlhf {args.command}: interrupted; continue with --resume", file=sys.stderr)
+    except RunStopped as stopped:  # preempted with a checkpoint, or a NaN/inf before an optimizer step
+        hint = f"; {stopped.resume_hint}" if stopped.resume_hint else ""
+        print(f"rlhf {args.command}: {stopped}{hint}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the newest complete checkpoint is intact
+        print(f"rlhf {args.command}: interrupted; continue from the newest checkpoint with --resume", file=sys.stderr)
         return 130
     print(f"rlhf {args.command}: done: {result}")
     return 0

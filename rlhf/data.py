@@ -15,6 +15,7 @@ SFT formats:
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ def load_table(path: str, split: str = "train", key: str = "data.path"):
                                 f"{', '.join(sorted(LOCAL_FORMATS))}")
             if os.path.getsize(path) == 0:
                 raise UserError(f"{key}: '{path}' is empty")
+            if extension != ".parquet":
+                check_utf8(path, key)
             table = datasets.load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
         elif os.path.isdir(path):
             if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
@@ -80,11 +83,96 @@ def load_table(path: str, split: str = "train", key: str = "data.path"):
         raise UserError(f"{key}: '{path}' has no split {error}") from None
     except Exception as error:  # datasets raises many types for unreadable input
         what = "file" if looks_local else "hub dataset"
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{key}: cannot read {what} '{path}': {message}") from None
+        raise UserError(f"{key}: cannot read {what} '{path}': {read_error_detail(path, error)}") from None
     if len(table) == 0:
         raise UserError(f"{key}: '{path}' has no rows")
     return table
+
+
+def read_error_detail(path: str, error: BaseException) -> str:
+    """What is wrong with an unreadable data file, in one line: for JSON, the first line that does not parse
+    (the loader only says it failed); else the innermost error, which datasets wraps in its own."""
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and extension in (".json", ".jsonl"):
+        bad_line = first_invalid_json_line(path)
+        if bad_line is not None:
+            return bad_line
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def first_invalid_json_line(path: str) -> str | None:
+    """'line N: <why>' for the first line of a JSON-lines file that is not a JSON object (a file holding one
+    JSON document, starting with '[', is parsed whole); None when every line parses."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        line = text_line_of_byte(path, error.start)
+        return f"line {line}: not UTF-8 text (byte {error.object[error.start]:#04x})"
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except ValueError as error:
+            return f"line {getattr(error, 'lineno', '?')}: not valid JSON ({getattr(error, 'msg', error)})"
+        return None
+    first_seen: dict[str, tuple[str, int]] = {}  # column -> (JSON type, line) where it first held a value
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as error:
+            return f"line {line_number}: not valid JSON ({getattr(error, 'msg', error)} at column {getattr(error, 'colno', '?')})"
+        if not isinstance(value, dict):
+            return f"line {line_number}: expected a JSON object ({{\"column\": value, ...}}), found {type(value).__name__}"
+        # Arrow gives a column one type for the whole file: a value of another type (null aside) fails the load.
+        for column, cell in value.items():
+            kind = json_type(cell)
+            if kind == "null":
+                continue
+            seen = first_seen.setdefault(column, (kind, line_number))
+            if seen[0] != kind:
+                return f"line {line_number}: column '{column}' holds {kind}, but {seen[0]} on line {seen[1]}"
+    return None
+
+
+def json_type(value) -> str:
+    """The JSON type of a parsed value, as a message names it ('a string', 'a number', ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def check_utf8(path: str, key: str) -> None:
+    """A text data file must be UTF-8: the JSON and CSV readers load other bytes without a word and the rows
+    fail later, when read. One streaming pass, the line named."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk's end
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:  # error.start counts from the pending bytes
+                bad = offset - pending + error.start
+                raise UserError(f"{key}: '{path}' line {text_line_of_byte(path, bad)}: not UTF-8 text") from None
+            offset += len(chunk)
+
+
+def text_line_of_byte(path: str, offset: int) -> int:
+    with open(path, "rb") as handle:
+        return handle.read(offset).count(b"\n") + 1
 
 
 def rename_columns(table, columns: dict[str, str], path: str, key: str = "data.columns"):
@@ -218,15 +306,15 @@ def chat_segments(messages, tokenizer, train_on_prompt: bool, row_index: int, pa
     (with the generation prompt) and the conversation including that turn.
     """
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"data: '{path}' row {row_index}: column 'messages' must be a non-empty list of "
+        raise UserError(f"data: {row_location(path, row_index)}: column 'messages' must be a non-empty list of "
                         "{role, content} objects")
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise UserError(f"data: '{path}' row {row_index}: each message needs string 'role' and 'content'")
+            raise UserError(f"data: {row_location(path, row_index)}: each message needs string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"data: '{path}' row {row_index}: the conversation has no 'assistant' turn to learn from")
+        raise UserError(f"data: {row_location(path, row_index)}: the conversation has no 'assistant' turn to learn from")
     if messages[0]["role"] == "assistant":  # chat templates cannot render the empty history it answers
-        raise UserError(f"data: '{path}' row {row_index}: the conversation starts with an assistant turn; "
+        raise UserError(f"data: {row_location(path, row_index)}: the conversation starts with an assistant turn; "
                         "start it with the user or system turn it answers")
 
     def render(upto: int, generation_prompt: bool) -> list[int]:
@@ -252,10 +340,23 @@ def chat_segments(messages, tokenizer, train_on_prompt: bool, row_index: int, pa
     return segments
 
 
+def row_location(path: str, row_index: int) -> str:
+    """Where row ``row_index`` (0-based, as ``datasets`` counts) is, for an error message: the line of a
+    local JSON-lines file (blank lines skipped, as the loader skips them), else the row, counted from 1."""
+    if os.path.isfile(path) and os.path.splitext(path)[1].lower() == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            rows_seen = -1
+            for line_number, line in enumerate(handle, start=1):
+                rows_seen += bool(line.strip())
+                if rows_seen == row_index:
+                    return f"'{path}' line {line_number}"
+    return f"'{path}' row {row_index + 1}"
+
+
 def check_text(row: dict, column: str, row_index: int, path: str) -> str:
     value = row.get(column)
     if not isinstance(value, str):
-        raise UserError(f"data: '{path}' row {row_index}: column '{column}' must be text, found "
+        raise UserError(f"data: {row_location(path, row_index)}: column '{column}' must be text, found "
                         f"{'null' if value is None else type(value).__name__}")
     return value
 

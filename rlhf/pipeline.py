@@ -27,25 +27,48 @@ import torch
 
 from rlhf.config import ModelConfig, PipelineConfig, from_dict, read_yaml, save_config, to_dict
 from rlhf.data import load_table, pad_left, tokenize_prompts
-from rlhf.errors import UserError
+from rlhf.errors import Preempted, RunStopped, UserError
 from rlhf.generation import sample_with_logprobs
+from rlhf.logs import attach_run_log
 from rlhf.models import load_causal_lm
 from rlhf.trainers.ppo import PPOTrainer, load_reward_function
 from rlhf.trainers.reward import RewardTrainer
 from rlhf.trainers.sft import SFTTrainer
-from rlhf.training import avoid_cudnn_attention, write_jsonl
+from rlhf.training import STOP_SIGNALS, RunDirectory, avoid_cudnn_attention, releasing_locks, write_jsonl
 
 logger = logging.getLogger(__name__)
 
 
 def run_pipeline(config: PipelineConfig) -> str:
-    """Run every stage that is not already done; returns the path of report.md."""
+    """Run every stage that is not already done; returns the path of report.md.
+
+    SIGTERM/SIGINT stop the running stage with a checkpoint (or the pipeline between stages); running
+    the same command again skips the finished stages and resumes the interrupted one.
+    """
+    try:
+        with STOP_SIGNALS.installed(), releasing_locks():
+            return run_stages(config)
+    except RunStopped as stopped:
+        stopped.resume_hint = (f"continue with: rlhf pipeline --config {os.path.join(config.output_dir, 'config.yaml')}"
+                               " (finished stages are skipped, the interrupted one resumes)")
+        raise
+
+
+def stop_before(stage: str) -> None:
+    """Between two stages: a stop signal that came while no trainer was running stops the pipeline here."""
+    if STOP_SIGNALS.received is not None:
+        raise Preempted(STOP_SIGNALS.received, None, None, before=stage)
+
+
+def run_stages(config: PipelineConfig) -> str:
+    """The body of ``run_pipeline``: SFT, then per round feedback, reward model and PPO; evaluation; report."""
     root = config.output_dir
     if config.seed is not None:
         config = copy.deepcopy(config)
         for stage in (config.sft, config.rm, config.ppo):
             stage.training.seed = config.seed
-    os.makedirs(root, exist_ok=True)
+    RunDirectory(root).lock()  # one pipeline per directory (each stage also locks its own)
+    attach_run_log(root, replace_previous=False)  # the whole pipeline's log; each stage also gets its own
     save_config(config, os.path.join(root, "config.yaml"))
 
     timings = StageTimings(os.path.join(root, "timings.json"))
@@ -65,6 +88,7 @@ def run_pipeline(config: PipelineConfig) -> str:
             comparison_files = [config.feedback.file]
             eval_pairs = None
         else:
+            stop_before(f"round-{round_index}/feedback")
             with timings.measure(f"round-{round_index}/feedback") as record:
                 new_file, collected = collect_comparisons(config, policy_path, round_dir, round_index, force=upstream_ran)
                 eval_pairs, collected_eval = collect_comparisons(config, sft_final, round_dir, round_index,
@@ -85,6 +109,7 @@ def run_pipeline(config: PipelineConfig) -> str:
         rm.data.path = merge_files(comparison_files, os.path.join(round_dir, "feedback", "comparisons_all.jsonl"))
         if eval_pairs is not None:
             rm.data.eval_path = eval_pairs
+        stop_before(f"round-{round_index}/rm")
         with timings.measure(f"round-{round_index}/rm") as record:
             upstream_ran = record(run_stage(RewardTrainer, rm, force=upstream_ran)) or upstream_ran
         # Stage 3: PPO from the current policy; its frozen reference (the KL anchor) is that same
@@ -94,10 +119,12 @@ def run_pipeline(config: PipelineConfig) -> str:
         ppo.policy = ModelConfig(name_or_path=policy_path)
         ppo.reward.model_path, ppo.reward.function = os.path.join(rm.output_dir, "final"), None
         trainer_class = gold_monitored_trainer(config.evaluation.gold)
+        stop_before(f"round-{round_index}/ppo")
         with timings.measure(f"round-{round_index}/ppo") as record:
             upstream_ran = record(run_stage(trainer_class, ppo, force=upstream_ran)) or upstream_ran
         policy_path = os.path.join(ppo.output_dir, "final")
 
+    stop_before("evaluation")
     with timings.measure("evaluation") as record:
         evaluation = evaluate_policies(config, sft_final, policy_path,
                                        os.path.join(root, f"round-{config.rounds - 1}", "rm", "final"))

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.data import check_text, load_table, pad_left, pad_right, quote, rename_columns, require_columns
+from rlhf.data import check_text, load_table, pad_left, pad_right, quote, rename_columns, require_columns, row_location
 from rlhf.errors import UserError
 from rlhf.functional import ranking_to_pairs
 
@@ -223,20 +223,20 @@ def read_comparisons(table, data_format: str, path: str, report: PreferenceRepor
 def check_text_list(row: dict, column: str, row_index: int, path: str) -> list[str]:
     value = row.get(column)
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise UserError(f"data: '{path}' row {row_index}: column '{column}' must be a list of texts")
+        raise UserError(f"data: {row_location(path, row_index)}: column '{column}' must be a list of texts")
     return value
 
 
 def check_ranking(row: dict, num_responses: int, row_index: int, path: str) -> list[int]:
     ranking = row.get("ranking")
     if not isinstance(ranking, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking):
-        raise UserError(f"data: '{path}' row {row_index}: column 'ranking' must be a list of response indices "
+        raise UserError(f"data: {row_location(path, row_index)}: column 'ranking' must be a list of response indices "
                         "(integers), best first")
     if len(ranking) != num_responses:
-        raise UserError(f"data: '{path}' row {row_index}: 'ranking' has {len(ranking)} entries but there are "
+        raise UserError(f"data: {row_location(path, row_index)}: 'ranking' has {len(ranking)} entries but there are "
                         f"{num_responses} responses; rank every response, best first")
     if sorted(ranking) != list(range(num_responses)):
-        raise UserError(f"data: '{path}' row {row_index}: 'ranking' {ranking} is not a permutation of "
+        raise UserError(f"data: {row_location(path, row_index)}: 'ranking' {ranking} is not a permutation of "
                         f"0..{num_responses - 1}; list each response index once, best first")
     return ranking
 
@@ -246,7 +246,7 @@ def check_margin(row: dict, row_index: int, path: str) -> float:
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"data: '{path}' row {row_index}: column 'margin' must be a finite number, found {value!r}")
+        raise UserError(f"data: {row_location(path, row_index)}: column 'margin' must be a finite number, found {value!r}")
     return float(value)
 
 

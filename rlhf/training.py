@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from rlhf.config import LoggingConfig, TrainingConfig, flatten, save_config, to_dict
-from rlhf.errors import UserError
+from rlhf.errors import NonFiniteValue, Preempted, RunStopped, UserError
+from rlhf.logs import attach_run_log
 from rlhf.models.lora import save_hf_model
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,8 @@ class RunDirectory:
         A directory that already holds a run is never clobbered silently: the user resumes it or
         says overwrite.
         """
+        if is_main:
+            self.lock()  # first: what the directory holds is only meaningful once no one else is writing it
         checkpoint = self.latest_checkpoint() if resume else None
         if not resume and self.has_run() and not overwrite:
             raise UserError(f"output_dir: '{self.root}' already holds a run; pass --resume to continue it, "
@@ -78,44 +83,106 @@ class RunDirectory:
                     shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else (
                         os.path.exists(target) and os.remove(target))
             os.makedirs(self.root, exist_ok=True)
+            remove_leftovers(self.root)  # what a kill in the middle of writing final/ or a checkpoint left
+            remove_leftovers(self.checkpoints_dir)
+            attach_run_log(self.root)
             save_config(config, self.config_path)
         return checkpoint
 
-    def checkpoint_dir(self, step: int) -> str:
-        return os.path.join(self.checkpoints_dir, f"step-{step}")
+    def lock(self) -> None:
+        """Hold ``<output_dir>/.lock``, so two runs never write one directory at the same time.
+
+        An advisory lock (flock) the kernel drops when its process ends, however it ends: a lock left by a
+        dead run is simply taken. A second run gets one line naming the holder's pid. A process that holds
+        it already may take it again; the trainers release it when they end (``releasing_locks``).
+        """
+        import fcntl
+
+        path = os.path.join(self.root, LOCK_FILE)
+        if path in _HELD_LOCKS:
+            return
+        os.makedirs(self.root, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"output_dir: '{self.root}' is in use by a run that is still going ({holder}); wait "
+                            "for it to finish, stop it, or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        _HELD_LOCKS[path] = handle  # kept open: closing the file would release the lock
+
+    def checkpoint_dir(self, step: int, updates_into_next: int = 0) -> str:
+        name = f"step-{step}" + (f"-{updates_into_next}" if updates_into_next else "")
+        return os.path.join(self.checkpoints_dir, name)
 
     def complete_checkpoints(self) -> list[tuple[int, str]]:
-        """(step, path) of every complete checkpoint, oldest first (incomplete ones are never renamed into place)."""
+        """(step, path) of every complete checkpoint, oldest first (incomplete ones are never renamed into place).
+
+        ``step-N`` is the state after N steps; ``step-N-K`` (PPO stopped inside a step) the state K optimizer
+        updates into step N + 1, which comes after ``step-N``.
+        """
         if not os.path.isdir(self.checkpoints_dir):
             return []
         found = []
         for name in os.listdir(self.checkpoints_dir):
             path = os.path.join(self.checkpoints_dir, name)
-            if name.startswith("step-") and name[5:].isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
-                found.append((int(name[5:]), path))
-        return sorted(found)
+            parts = name.split("-")
+            if (parts[0] == "step" and 2 <= len(parts) <= 3 and all(p.isdigit() for p in parts[1:])
+                    and os.path.isfile(os.path.join(path, STATE_FILE))):
+                found.append(((int(parts[1]), int(parts[2]) if len(parts) == 3 else 0), path))
+        return [(step, path) for (step, _), path in sorted(found)]
 
     def latest_checkpoint(self) -> str | None:
         checkpoints = self.complete_checkpoints()
         return checkpoints[-1][1] if checkpoints else None
 
 
+LOCK_FILE = ".lock"
+_HELD_LOCKS: dict[str, Any] = {}  # lock file path -> the open file holding its flock, for this process
+
+
 def atomic_directory(final_path: str, write: Callable[[str], None]) -> None:
-    """Run ``write(tmp_dir)`` then rename tmp_dir to ``final_path``: readers never see half a directory."""
+    """Run ``write(tmp_dir)`` then rename tmp_dir to ``final_path``: readers never see half a directory.
+
+    A kill at any moment leaves either the previous ``final_path`` or the new one (or, killed between
+    the two renames of a replacement, none: the resumable checkpoints remain); never a torn one.
+    """
     parent = os.path.dirname(os.path.abspath(final_path))
     os.makedirs(parent, exist_ok=True)
     tmp_dir = os.path.join(parent, f".tmp-{os.path.basename(final_path)}-{uuid.uuid4().hex[:8]}")
     try:
-        write(tmp_dir)
-        if os.path.exists(final_path):  # replace: move the old one aside first, delete it after the rename
-            old = os.path.join(parent, f".old-{os.path.basename(final_path)}-{uuid.uuid4().hex[:8]}")
-            os.rename(final_path, old)
-            os.rename(tmp_dir, final_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp_dir, final_path)
+        with STOP_SIGNALS.writing():
+            write(tmp_dir)
+            fault_point(os.path.basename(final_path))
+            move_into_place(tmp_dir, final_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def move_into_place(source: str, target: str) -> None:
+    """Rename the finished directory ``source`` to ``target``; an existing ``target`` is moved aside first and
+    deleted after, so there is no moment at which a reader finds a mixture of the two."""
+    if os.path.exists(target):
+        old = os.path.join(os.path.dirname(target), f".old-{os.path.basename(target)}-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        os.rename(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(source, target)
+
+
+def remove_leftovers(directory: str) -> None:
+    """Delete the temporary and set-aside directories a kill mid-write left in ``directory``."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def save_pretrained_atomic(accelerator: Accelerator, model: torch.nn.Module, tokenizer, final_dir: str,
@@ -264,19 +331,159 @@ def create_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig,
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler, max_grad_norm: float | None, clip_scopes: Sequence[torch.nn.Module] | None = None) -> float:
+                   scheduler, max_grad_norm: float | None, clip_scopes: Sequence[torch.nn.Module] | None = None,
+                   step: int | None = None, run: "RunDirectory | None" = None) -> float:
     """Clip, step, schedule, zero; returns the gradient norm (of the first clip scope) before clipping.
 
     ``clip_scopes``: modules whose gradients are clipped each on its own norm (PPO's policy and critic);
     default: ``model`` as a whole. Under DeepSpeed the engine has already clipped (globally, to the
     ``gradient_clipping`` we gave it) and stepped in the last ``accelerator.backward``; the norm is its.
+    ``step`` (the step being taken) and ``run``: a non-finite gradient norm stops the run before the
+    optimizer step (``NonFiniteValue``), unless fp16's loss scaler is in charge of skipping such steps.
     """
     limit = max_grad_norm if max_grad_norm else float("inf")
     norms = [accelerator.clip_grad_norm_(scope.parameters(), limit) for scope in (clip_scopes or [model])]
+    # Under DeepSpeed the engine has stepped already (the loss was checked before that backward).
+    if step is not None and accelerator.scaler is None and not is_deepspeed(accelerator) and None not in norms:
+        # The norm is reduced over every process already (DDP/FSDP), so all of them stop together.
+        bad = [float(norm) for norm in norms if not math.isfinite(float(norm))]
+        if bad:
+            raise NonFiniteValue(step, "the gradient norm", str(bad[0]), run)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norms[0]) if norms[0] is not None else float("nan")
+
+
+# ----------------------------------------------------------------------------- stopping early: signals, non-finite values
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) as a request to stop at the next step boundary.
+
+    The first signal sets ``received``; the loops finish the step they are in, write a checkpoint and
+    raise ``Preempted``. A second signal while a checkpoint or ``final/`` is being written waits for the
+    write to finish (a torn checkpoint would be worse than a late stop); a second signal at any other
+    moment stops at once (``KeyboardInterrupt``), which atomic checkpoints make safe too.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._writing = 0
+        self._depth = 0
+        self._previous: dict[int, Any] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopSignals"]:
+        """Handle the signals for the duration of a run (re-entrant: a pipeline's stages share its handlers)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # Python delivers signals to the main thread
+            yield self
+            return
+        if self._depth == 0:
+            self.received = None
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                for signum, handler in self._previous.items():
+                    signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around a checkpoint or final/ write: a second signal waits for it."""
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signum
+            logger.warning("%s: finishing the current step, then writing a checkpoint (send it again to stop at once)",
+                           name)
+        elif self._writing:
+            logger.warning("%s: a checkpoint is being written; stopping as soon as it is complete", name)
+        else:
+            raise KeyboardInterrupt
+
+
+STOP_SIGNALS = StopSignals()
+
+
+@contextlib.contextmanager
+def releasing_locks() -> Iterator[None]:
+    """Release, when the block ends however it ends, the run-directory locks taken inside it."""
+    before = set(_HELD_LOCKS)
+    try:
+        yield
+    finally:
+        for path in set(_HELD_LOCKS) - before:
+            _HELD_LOCKS.pop(path).close()  # closing the file drops its flock
+
+
+def stops_gracefully(train: Callable) -> Callable:
+    """Decorate a trainer's ``train``: SIGTERM/SIGINT then stop it at a step boundary with a checkpoint, and
+    a stopped run says how to continue it (``rlhf <trainer.command> --config <output_dir>/config.yaml --resume``).
+    The output directory's lock is released when ``train`` returns or raises."""
+    import functools
+
+    @functools.wraps(train)
+    def wrapper(trainer, *args, **kwargs):
+        try:
+            with STOP_SIGNALS.installed(), releasing_locks():
+                return train(trainer, *args, **kwargs)
+        except RunStopped as stopped:
+            if not stopped.resume_hint:
+                config_path = os.path.join(trainer.config.output_dir, "config.yaml")
+                stopped.resume_hint = f"continue with: rlhf {trainer.command} --config {config_path} --resume"
+            raise
+
+    return wrapper
+
+
+def stop_requested(accelerator: Accelerator) -> int | None:
+    """The stop signal received, agreed over every process (any one's request stops all of them together);
+    None when there is none. Collective: every process must call it at the same point."""
+    received = STOP_SIGNALS.received
+    if accelerator.num_processes > 1:
+        anyone = accelerator.reduce(torch.tensor(received or 0, device=accelerator.device), "sum")
+        return (received or int(signal.SIGTERM)) if int(anyone) else None
+    return received
+
+
+def check_finite(accelerator: Accelerator, step: int, quantities: dict[str, Any], run: "RunDirectory | None") -> None:
+    """Raise ``NonFiniteValue`` for the first of ``quantities`` (floats or tensors) holding a NaN or infinity.
+
+    Collective when several processes run (one small reduction): a NaN on one process stops all of them.
+    """
+    problems = []
+    for name, value in quantities.items():
+        tensor = torch.as_tensor(value, dtype=torch.float64).detach().flatten().cpu()
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            first = tensor[bad][0].item()
+            detail = str(first) if tensor.numel() == 1 else f"{first} in {int(bad.sum())} of {tensor.numel()} values"
+            problems.append((name, detail))
+    if accelerator.num_processes > 1:
+        anyone = int(accelerator.reduce(torch.tensor(len(problems), device=accelerator.device), "sum"))
+        if anyone and not problems:
+            problems.append(("a value on another process", "not finite"))
+    if problems:
+        raise NonFiniteValue(step, *problems[0], run)
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """A test hook: with ``RLHF_TEST_KILL_AT=<name>`` (or ``<name>@<step>``) in the environment, the process
+    kills itself (SIGKILL, nothing runs after it) here, so tests can place a hard kill inside a save."""
+    target = os.environ.get("RLHF_TEST_KILL_AT")
+    if target and target in (name, f"{name}@{step}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- sharded engines (FSDP, DeepSpeed)
@@ -486,27 +693,36 @@ class TrainState:
     extra: dict | None = None  # stage-specific resumable values (PPO's KL coefficient, ...)
 
 
-def save_checkpoint(accelerator: Accelerator, run: RunDirectory, state: TrainState, keep: int) -> str:
+def save_checkpoint(accelerator: Accelerator, run: RunDirectory, state: TrainState, keep: int,
+                    updates_into_next: int = 0, write_extra: Callable[[str], None] | None = None) -> str:
     """Save model, optimizer, scheduler, RNG states (accelerate) and ``state``; keep the newest ``keep``.
 
     Written into a temporary directory and renamed, so a kill mid-save leaves the previous
-    checkpoint as the newest complete one.
+    checkpoint as the newest complete one; a stop signal during the save waits for it.
+
+    Args:
+        updates_into_next: PPO stopped inside a step, this many optimizer updates into step ``state.step + 1``.
+        write_extra: ``f(directory)`` run on every process before the checkpoint is complete (PPO's rollout).
     """
-    target = run.checkpoint_dir(state.step)
-    tmp_dir = os.path.join(run.checkpoints_dir, f".tmp-step-{state.step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.makedirs(tmp_dir)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp_dir)
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp_dir, STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump(asdict(state), handle)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp_dir, target)
-        for _, old in run.complete_checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    target = run.checkpoint_dir(state.step, updates_into_next)
+    tmp_dir = os.path.join(run.checkpoints_dir, f".tmp-{os.path.basename(target)}")
+    with STOP_SIGNALS.writing():
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            os.makedirs(tmp_dir)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp_dir)
+        if write_extra is not None:
+            write_extra(tmp_dir)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            fault_point("checkpoint", state.step)
+            with open(os.path.join(tmp_dir, STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump(asdict(state), handle)  # last: a checkpoint without it is incomplete
+            move_into_place(tmp_dir, target)
+            for _, old in run.complete_checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
     return target
 
 
@@ -612,6 +828,7 @@ class SupervisedLoop:
         self.total_steps = training.max_steps or max(1, math.ceil(training.num_epochs * steps_per_epoch))
         optimizer = create_optimizer(model.named_parameters(), training, accelerator.device.type)
         self.scheduler = create_scheduler(optimizer, training, self.total_steps)
+        configure_deepspeed(accelerator, training.batch_size, training.max_grad_norm)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
 
@@ -642,11 +859,15 @@ class SupervisedLoop:
             batches = [self.micro_batch(first + i) for i in range(training.gradient_accumulation_steps)]
             local_units = sum(self.objective.count_units(b) for b in batches)
             step_units = float(accelerator.reduce(torch.tensor(local_units, device=accelerator.device, dtype=torch.float64), "sum"))
+            step_loss = 0.0
             for i, batch in enumerate(batches):
                 is_last = i == len(batches) - 1
-                with accelerator.no_sync(self.model) if not is_last else contextlib.nullcontext():
+                with micro_batch_sync(accelerator, self.model, is_last):
                     with accelerator.autocast():
                         loss_sum, stats = self.objective.loss_sum(self.model, batch)
+                    step_loss += stats.get("loss", 0.0)
+                    if is_last:  # before the backward that, under DeepSpeed, also takes the optimizer step
+                        check_finite(accelerator, state.step + 1, {"the loss": step_loss}, self.run)
                     # DDP averages gradients over processes, hence × num_processes.
                     accelerator.backward(loss_sum * accelerator.num_processes / max(step_units, 1.0))
                 for key, value in stats.items():
@@ -655,7 +876,8 @@ class SupervisedLoop:
                 state.examples_seen += len(next(iter(batch.values())))
             window_units += local_units
             lr = self.scheduler.get_last_lr()[0]
-            grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, training.max_grad_norm)
+            grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, training.max_grad_norm,
+                                       step=state.step + 1, run=self.run)
             state.step += 1
             progress.update(1)
 
@@ -678,8 +900,15 @@ class SupervisedLoop:
             paused_at = time.perf_counter()  # evaluation and saving are not training: keep them out of tokens_per_s
             if ((training.eval_every and state.step % training.eval_every == 0) or is_last_step) and self.eval_examples:
                 metrics_logger.log(state.step, prefix("eval/", self.evaluate()))
-            if training.save_every and state.step % training.save_every == 0 and not is_last_step:
+            saved = training.save_every and state.step % training.save_every == 0 and not is_last_step
+            if saved:
                 save_checkpoint(accelerator, self.run, state, training.keep_checkpoints)
+            signum = stop_requested(accelerator)
+            if signum and not is_last_step:  # preempted: this step is done; keep it, then stop
+                checkpoint = (self.run.checkpoint_dir(state.step) if saved
+                              else save_checkpoint(accelerator, self.run, state, training.keep_checkpoints))
+                progress.close()
+                raise Preempted(signum, state.step, checkpoint)
             pause = time.perf_counter() - paused_at
             paused_s += pause
             window_start += pause

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
@@ -130,6 +131,15 @@ def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = 
         return model_class.from_pretrained(
             path, dtype=torch.float32, trust_remote_code=model_config.trust_remote_code,
             revision=model_config.revision, **kwargs)
+    except pickle.UnpicklingError:
+        # torch's weights-only loader refused a pickled checkpoint (pytorch_model.bin): unpickling it in
+        # full could run any code it carries, so it is never loaded that way here.
+        files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))) if os.path.isdir(path) else []
+        raise UserError(f"{key}: '{path}' holds its weights as a pickle ({', '.join(files) or 'pytorch_model.bin'}) "
+                        "that torch's safe loader refuses, as loading it in full could run code; where you trust "
+                        "its origin, convert it to safetensors (torch.load(file, weights_only=False), then "
+                        "save_pretrained with safe_serialization=True), or use a checkpoint with model.safetensors"
+                        ) from None
     except (OSError, ValueError, KeyError) as error:
         where = "local directory" if looks_local(path) else "hub model"
         raise UserError(f"{key}: cannot load '{path}' as a {where} with "

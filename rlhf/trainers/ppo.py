@@ -26,6 +26,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import time
 from typing import Callable, Iterator
 
@@ -59,9 +60,12 @@ from rlhf.models import (ScalarHeadModel, adopt_model, kept_logits, load_causal_
 from rlhf.models.lora import adapters_disabled
 from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
+    STATE_FILE,
     MetricsLogger,
     MicroBatchOrder,
+    Preempted,
     TrainState,
+    check_finite,
     configure_deepspeed,
     create_optimizer,
     create_scheduler,
@@ -73,6 +77,8 @@ from rlhf.training import (
     save_checkpoint,
     save_pretrained_atomic,
     start_run,
+    stop_requested,
+    stops_gracefully,
     truncate_jsonl,
     weight_decay_groups,
 )
@@ -168,6 +174,8 @@ class PPOTrainer:
             (unless ``critic.name_or_path`` names a checkpoint).
         prompts: a ``datasets.Dataset`` of ``{prompt}`` or ``{messages}`` rows (default: ``config.data``).
     """
+
+    command = "ppo"  # the CLI command that runs this trainer (in messages on how to resume)
 
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward_fn: RewardFunction | None = None,
                  prompts=None):
@@ -273,11 +281,12 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ the loop
 
+    @stops_gracefully
     def train(self, resume: bool = False) -> str:
         """Run PPO; returns the path of ``final/`` (the tuned causal LM + tokenizer)."""
         config, ppo = self.config, self.config.ppo
         run, accelerator, resume_from = start_run(config, resume)
-        self.accelerator = accelerator
+        self.accelerator, self.run = accelerator, run
         self.logprobs_from_generation = ppo.logprobs_from_generation
         if self.logprobs_from_generation is None:
             # Sampling runs outside autocast: under bf16/fp16 its logprobs would differ from the training
@@ -313,6 +322,8 @@ class PPOTrainer:
             self.reward_model = prepare_frozen(accelerator, self.reward_model)
 
         state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState(extra={"kl_coef": ppo.kl_coef})
+        if resume_from:
+            logger.info("resumed from %s at step %d", resume_from, state.step)
         self.kl_coef = state.extra["kl_coef"]
         metrics_logger = MetricsLogger(accelerator, run.metrics_path, resume_step=state.step if resume_from else None)
         samples_path = run.path("samples.jsonl")
@@ -326,15 +337,33 @@ class PPOTrainer:
         # train_generated_tokens); writing samples and checkpoints is paused out.
         train_start, paused_s, session_episodes, session_generated_tokens = time.perf_counter(), 0.0, 0, 0
         while state.step < total_steps:
-            prompt_indices = prompt_order.indices(state.step)
-            # 1-3: rollout, rewards, advantages (no gradients anywhere in here)
+            # A run stopped inside this step resumes with the step's rollout and its updates done so far.
+            self.update_resume = (state.extra or {}).pop("in_step", None)
             start = time.perf_counter()
-            rollout = self.rollout([self.prompt_ids[i] for i in prompt_indices],
-                                   [self.prompt_texts[i] for i in prompt_indices], step=state.step)
-            rollout_s = time.perf_counter() - start
+            if self.update_resume is not None:
+                rollout = load_rollout(resume_from, accelerator.process_index)
+                rollout_s = self.update_resume["rollout_s"]
+            else:
+                # 1-3: rollout, rewards, advantages (no gradients anywhere in here)
+                prompt_indices = prompt_order.indices(state.step)
+                rollout = self.rollout([self.prompt_ids[i] for i in prompt_indices],
+                                       [self.prompt_texts[i] for i in prompt_indices], step=state.step)
+                rollout_s = time.perf_counter() - start
+                signum = stop_requested(accelerator)
+                if signum:  # stopped while sampling: nothing of this step is kept (its sampling is seeded by the step)
+                    raise Preempted(signum, state.step, self.boundary_checkpoint(state))
             # 4: PPO epochs
             start = time.perf_counter()
-            update_stats = self.update(rollout, step=state.step)
+            try:
+                update_stats = self.update(rollout, step=state.step)
+            except StoppedInUpdate as stop:  # preempted between two optimizer steps of this PPO step
+                state.extra = {"kl_coef": self.kl_coef, "in_step": {"updates_done": stop.updates_done,
+                                                                     "totals": stop.totals, "rollout_s": rollout_s}}
+                checkpoint = save_checkpoint(accelerator, run, state, config.training.keep_checkpoints,
+                                             updates_into_next=stop.updates_done,
+                                             write_extra=lambda directory: save_rollout(rollout, directory,
+                                                                                        accelerator.process_index))
+                raise Preempted(stop.signum, state.step, checkpoint) from None
             update_s = time.perf_counter() - start
             # 5: log, adapt β, checkpoint
             metrics = mean_over_processes(accelerator, {**self.rollout_metrics(rollout), **update_stats})
@@ -364,6 +393,9 @@ class PPOTrainer:
                 progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"})
             if config.training.save_every and state.step % config.training.save_every == 0 and state.step < total_steps:
                 save_checkpoint(accelerator, run, state, config.training.keep_checkpoints)
+            signum = stop_requested(accelerator)
+            if signum and state.step < total_steps:
+                raise Preempted(signum, state.step, self.boundary_checkpoint(state))
             paused_s += time.perf_counter() - paused_at
         progress.close()
 
@@ -374,6 +406,14 @@ class PPOTrainer:
         accelerator.end_training()
         logger.info("PPO done: %s", run.final_dir)
         return run.final_dir
+
+    def boundary_checkpoint(self, state: TrainState) -> str:
+        """The checkpoint of the state after ``state.step`` whole steps: the periodic one if it was just
+        written, else a new one."""
+        existing = self.run.checkpoint_dir(state.step)
+        if os.path.isfile(os.path.join(existing, STATE_FILE)):
+            return existing
+        return save_checkpoint(self.accelerator, self.run, state, self.config.training.keep_checkpoints)
 
     def build_optimizers(self, total_updates: int) -> None:
         """One AdamW over policy and critic; with ``ppo.separate_optimizers`` the critic's parameters form
@@ -430,6 +470,11 @@ class PPOTrainer:
         rollout.advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
             rollout.advantages = self.whiten(rollout.advantages, mask)
+        valid = mask.bool()
+        check_finite(self.accelerator, step + 1, {
+            "the reward": rollout.scores, "a value": rollout.values[valid],
+            "a log-probability": torch.cat([rollout.logprobs[valid], rollout.ref_logprobs[valid]]),
+            "an advantage": rollout.advantages[valid]}, getattr(self, "run", None))
         return rollout
 
     def whiten(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -526,11 +571,18 @@ class PPOTrainer:
         # learning rates (as two optimizers would), else the joint norm of both.
         models = accelerator.unwrap_model(self.model)
         clip_scopes = [models.policy, models.critic] if ppo.separate_optimizers else [models]
-        totals: dict[str, float] = {}
+        # Resumed inside this step (the train loop sets it): skip the updates already taken, keep their totals.
+        resume, self.update_resume = getattr(self, "update_resume", None), None
+        totals: dict[str, float] = dict(resume["totals"]) if resume else {}
+        skip = resume["updates_done"] if resume else 0
+        total_updates = ppo.num_ppo_epochs * ppo.num_minibatches
         count = 0
         for _ in range(ppo.num_ppo_epochs):
             order = torch.randperm(batch_size, generator=generator).to(rollout.scores.device)
             for start in range(0, batch_size, minibatch_size):
+                if count < skip:
+                    count += 1
+                    continue
                 minibatch = order[start:start + minibatch_size]
                 # The loss is a token mean over the minibatch of every process: DDP averages gradients over
                 # processes, hence × num_processes over the tokens of all of them.
@@ -541,19 +593,28 @@ class PPOTrainer:
                         ptx_loss = self.ptx_loss(step * ppo.num_ppo_epochs * ppo.num_minibatches + count)
                         accelerator.backward(ppo.ptx_coef * ptx_loss)
                     totals["ptx_loss"] = totals.get("ptx_loss", 0.0) + float(ptx_loss.detach())
+                minibatch_loss = 0.0
                 for micro_start in range(0, minibatch_size, micro_size):
                     micro = rollout.select(minibatch[micro_start:micro_start + micro_size])
                     weight = micro.response_mask.sum() / minibatch_tokens
-                    with micro_batch_sync(accelerator, self.model, is_last=micro_start + micro_size >= minibatch_size):
+                    is_last = micro_start + micro_size >= minibatch_size
+                    with micro_batch_sync(accelerator, self.model, is_last):
                         with accelerator.autocast():
                             loss, stats = self.compute_loss(micro)
+                        minibatch_loss += float(loss.detach()) * float(weight)
+                        if is_last:  # before the backward that, under DeepSpeed, also takes the optimizer step
+                            check_finite(accelerator, step + 1, {"the PPO loss": minibatch_loss}, self.run)
                         accelerator.backward(loss * weight)
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * float(weight)
                 count += 1
                 grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler,
-                                           config.training.max_grad_norm, clip_scopes)
+                                           config.training.max_grad_norm, clip_scopes, step=step + 1, run=self.run)
                 totals["grad_norm"] = totals.get("grad_norm", 0.0) + grad_norm
+                if count < total_updates:
+                    signum = stop_requested(accelerator)
+                    if signum:
+                        raise StoppedInUpdate(signum, count, totals)
         return {key: value / count for key, value in totals.items()}
 
     def compute_loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -634,6 +695,26 @@ class PPOTrainer:
 def critic_values(critic: ScalarHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) per-token values in reward units (the critic's head output with the RM's normalisation)."""
     return critic.normalize(critic(input_ids, attention_mask))
+
+
+class StoppedInUpdate(Exception):
+    """A stop signal between two optimizer updates of a PPO step: how far the step got."""
+
+    def __init__(self, signum: int, updates_done: int, totals: dict[str, float]):
+        super().__init__(signum, updates_done)
+        self.signum, self.updates_done, self.totals = signum, updates_done, totals
+
+
+def save_rollout(rollout: Rollout, directory: str, process_index: int) -> None:
+    """A process's rollout, into a checkpoint written inside a PPO step (tensors only: loaded weights-only)."""
+    tensors = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}
+    torch.save({name: value for name, value in tensors.items() if value is not None},
+               os.path.join(directory, f"rollout-{process_index}.pt"))
+
+
+def load_rollout(checkpoint_dir: str, process_index: int) -> Rollout:
+    tensors = torch.load(os.path.join(checkpoint_dir, f"rollout-{process_index}.pt"), weights_only=True)
+    return Rollout(**tensors)
 
 
 def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:

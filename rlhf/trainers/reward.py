@@ -48,6 +48,7 @@ from rlhf.training import (
     MetricsLogger,
     SupervisedLoop,
     full_weights,
+    stops_gracefully,
     save_pretrained_atomic,
     start_run,
     write_jsonl,
@@ -171,6 +172,8 @@ class RewardTrainer:
             (default: ``config.data``).
     """
 
+    command = "rm"  # the CLI command that runs this trainer (in messages on how to resume)
+
     def __init__(self, config: RewardConfig, model=None, tokenizer=None, train_dataset=None, eval_dataset=None):
         config.validate(model_given=model is not None, data_given=train_dataset is not None)
         self.config = config
@@ -179,6 +182,7 @@ class RewardTrainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
 
+    @stops_gracefully
     def train(self, resume: bool = False) -> str:
         """Train, centre the reward, write ``final/``; returns the path of ``final/``."""
         config = self.config

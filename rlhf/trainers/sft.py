@@ -16,7 +16,7 @@ from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
 from rlhf.models import adopt_model, kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged
-from rlhf.training import SupervisedLoop, full_weights, save_pretrained_atomic, start_run, write_jsonl
+from rlhf.training import SupervisedLoop, full_weights, save_pretrained_atomic, start_run, stops_gracefully, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class SFTTrainer:
         train_dataset, eval_dataset: ``datasets.Dataset`` of rows in an SFT format (default: ``config.data``).
     """
 
+    command = "sft"  # the CLI command that runs this trainer (in messages on how to resume)
+
     def __init__(self, config: SFTConfig, model=None, tokenizer=None, train_dataset=None, eval_dataset=None):
         config.validate(model_given=model is not None, data_given=train_dataset is not None)
         self.config = config
@@ -79,6 +81,7 @@ class SFTTrainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
 
+    @stops_gracefully
     def train(self, resume: bool = False) -> str:
         """Train, write ``final/`` and samples; returns the path of ``final/``."""
         config = self.config

@@ -617,11 +617,11 @@ def test_gradient_clipping_covers_every_parameter_the_optimizer_steps(tokenizer_
     calls = []
     optimizer_step = ppo_module.optimizer_step
 
-    def recording_step(accelerator, model, optimizer, scheduler, max_grad_norm, clip_scopes):
+    def recording_step(accelerator, model, optimizer, scheduler, max_grad_norm, clip_scopes, **checks):
         scopes = [{id(p) for p in scope.parameters() if p.requires_grad} for scope in clip_scopes]
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         calls.append((scopes, stepped, sorted({group["lr"] for group in optimizer.param_groups})))
-        return optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm, clip_scopes)
+        return optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm, clip_scopes, **checks)
 
     monkeypatch.setattr(ppo_module, "optimizer_step", recording_step)
     trainer = run_tiny_ppo(tmp_path, tokenizer_dir, ppo={"separate_optimizers": separate, "critic_lr": 1e-3},

@@ -143,7 +143,7 @@ def test_malformed_conversations_are_user_errors_naming_the_row(tokenizer, messa
     with pytest.raises(UserError, match=match) as caught:
         tokenize_sft(RowList([{"messages": CONVERSATION}, {"messages": messages}]), tokenizer, "messages", 64, False,
                      "chat.jsonl")
-    assert "'chat.jsonl' row 1" in str(caught.value)
+    assert "'chat.jsonl' row 2" in str(caught.value)  # the second row, counted from 1
 
 
 class RowList(list):
@@ -348,3 +348,15 @@ def test_prompt_format_is_checked_against_the_columns(tokenizer):
         tokenize_prompts(table, tokenizer, 64, "p.jsonl", data_format="conversation")
     with pytest.raises(UserError, match=r"need a 'prompt', 'messages' or 'chosen'.*'question'"):
         tokenize_prompts(datasets.Dataset.from_list([{"question": "x"}]), tokenizer, 64, "q.jsonl")
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "c\xff", "response": "d"}\n')
+    with pytest.raises(UserError, match=r"rows.jsonl' line 2: not UTF-8 text"):
+        load_table(str(path))
+    big = tmp_path / "big.jsonl"  # the bad byte past the first 1 MiB chunk, after a character cut in two
+    line = '{"prompt": "é", "response": "b"}\n'
+    big.write_bytes((line * 40000).encode("utf-8") + b'{"prompt": "\xff"}\n')
+    with pytest.raises(UserError, match=r"big.jsonl' line 40001: not UTF-8 text"):
+        load_table(str(big))

@@ -228,7 +228,7 @@ def test_structural_ranking_problems_are_errors(tokenizer, row, message):
 
 
 def test_margin_problems_are_errors(tokenizer):
-    with pytest.raises(UserError, match="row 0: column 'margin' must be a finite number"):
+    with pytest.raises(UserError, match="row 1: column 'margin' must be a finite number"):
         tokenize([{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}], tokenizer)
     with pytest.raises(UserError, match="a ranking has no single margin"):
         tokenize([{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "margin": 1.0}], tokenizer)

@@ -1,0 +1,227 @@
+"""What real runs meet, each answered by one clear line and nothing lost: a checkpoint whose weights are a
+pickle, a causal LM given as the reward model, a data file with a broken row, a NaN or infinity in
+training, a second run on the same output directory, and library log noise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import make_rows, tiny_sft_config, write_jsonl
+from rlhf import PPOTrainer, SFTTrainer, UserError
+from rlhf.config import ModelConfig
+from rlhf.errors import NonFiniteValue
+from rlhf.models import load_causal_lm
+from tests.integration.test_ppo import letter_a_reward, ppo_config, prompt_rows, run_tiny_ppo
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ----------------------------------------------------------------------------- checkpoints that could run code
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious pytorch_model.bin can carry."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_pickled_checkpoint_is_refused_in_one_line_naming_the_file(tokenizer_dir, tmp_path):
+    model, tokenizer = load_causal_lm(ModelConfig(from_config=tiny_sft_config(tokenizer_dir, "x", None, "y")
+                                                  .model.from_config, tokenizer=tokenizer_dir))
+    checkpoint = tmp_path / "pickled"
+    model.config.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    torch.save({**model.state_dict(), "payload": RunsCode()}, checkpoint / "pytorch_model.bin")
+    with pytest.raises(UserError) as caught:
+        load_causal_lm(ModelConfig(name_or_path=str(checkpoint)), block="policy")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"policy.name_or_path: '{checkpoint}' holds its weights as a pickle (pytorch_model.bin)")
+    assert "safetensors" in message  # the way out
+    assert ModelConfig().trust_remote_code is False  # and hub code stays off unless a config turns it on
+
+
+# ----------------------------------------------------------------------------- a reward model must be one
+
+def test_ppo_refuses_a_causal_lm_as_its_reward_model_but_not_as_its_critic(tokenizer_dir, tmp_path):
+    policy, tokenizer = load_causal_lm(ppo_config(tmp_path, tokenizer_dir).policy, seed=0)
+    causal_lm = tmp_path / "sft-final"
+    policy.save_pretrained(causal_lm)
+    tokenizer.save_pretrained(causal_lm)
+    config = ppo_config(tmp_path / "run", tokenizer_dir, reward={"function": None, "model_path": str(causal_lm)},
+                        critic={"init": "reward"})
+    with pytest.raises(UserError) as caught:
+        PPOTrainer(config, prompts=prompt_rows()).setup_models()
+    assert str(caught.value).startswith(f"reward.model_path: '{causal_lm}' is not a reward model")
+    assert "train one with `rlhf rm`" in str(caught.value)
+    # A critic may start from a causal LM (a fresh value head on its trunk).
+    trainer = run_tiny_ppo(tmp_path / "critic", tokenizer_dir, critic={"init": "policy", "name_or_path": str(causal_lm)})
+    assert trainer.critic_model is not None
+
+
+# ----------------------------------------------------------------------------- bad rows
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n', "line 2: not valid JSON"),
+    ('{"prompt": "a", "response": "b"}\n\n["not", "an", "object"]\n', "line 3: expected a JSON object"),
+    ('{"prompt": "a", "response": "b"}\n\n{"prompt": 7, "response": "d"}\n',
+     "line 3: column 'prompt' holds a number, but a string on line 1"),
+    ('{"prompt": "a", "response": null}\n{"prompt": "c", "response": ["d"]}\n',
+     "line 1: column 'response' must be text, found null"),
+])
+def test_a_bad_row_is_named_by_file_and_line(tokenizer_dir, tmp_path, content, expected):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(content, encoding="utf-8")
+    config = tiny_sft_config(tokenizer_dir, str(path), None, str(tmp_path / "run"))
+    config.data.eval_fraction = 0.0
+    with pytest.raises(UserError) as caught:
+        SFTTrainer(config).train()
+    assert str(path) in str(caught.value) and expected in str(caught.value), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_terminal_gets_one_line_and_the_library_log_goes_to_run_log(tokenizer_dir, tmp_path):
+    """datasets logs its own failure before raising; that line belongs in run.log, not before our error."""
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"\n', encoding="utf-8")
+    config = tiny_sft_config(tokenizer_dir, str(path), None, str(tmp_path / "run"))
+    config_path = tmp_path / "sft.yaml"
+    from rlhf.config import save_config
+
+    save_config(config, str(config_path))
+    result = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(config_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert all(" INFO rlhf." in line for line in lines[:-1]), result.stderr  # only rlhf's own progress before it
+    assert lines[-1] == f"rlhf sft: error: data.path: cannot read file '{path}': line 2: not valid JSON " \
+                        "(Expecting ',' delimiter at column 15)"
+    assert "Failed to load JSON" in (tmp_path / "run" / "run.log").read_text()  # the library's own line, kept
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+def test_a_nan_loss_stops_sft_before_its_optimizer_step(tokenizer_dir, sft_files, tmp_path):
+    train, evaluation = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=6, save_every=2)
+    model, tokenizer = load_causal_lm(config.model, seed=0)
+    forwards = []
+
+    def poison(module, inputs, output):  # the 3rd step's forward turns into NaN (eval forwards run under no_grad)
+        if torch.is_grad_enabled():
+            forwards.append(1)
+            if len(forwards) == 3:
+                return output * float("nan")
+
+    model.transformer.ln_f.register_forward_hook(poison)
+    with pytest.raises(NonFiniteValue) as caught:
+        SFTTrainer(config, model=model, tokenizer=tokenizer).train()
+    message = str(caught.value)
+    assert message.startswith("step 3: the loss is nan; stopped before the optimizer step")
+    assert f"newest checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-2'}" in message
+    assert caught.value.exit_code == 3 and "rlhf sft --config" in caught.value.resume_hint
+    assert not (tmp_path / "run" / "final").exists()
+    # The weights were not touched by the poisoned step: they are step 2's, finite.
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_infinite_gradient_norm_stops_before_the_step(tokenizer_dir, sft_files, tmp_path):
+    train, evaluation = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=4)
+    model, tokenizer = load_causal_lm(config.model, seed=0)
+    backwards = []
+
+    def blow_up(grad):
+        backwards.append(1)
+        return grad * float("inf") if len(backwards) == 2 else grad
+
+    model.transformer.h[0].mlp.c_fc.weight.register_hook(blow_up)
+    with pytest.raises(NonFiniteValue, match=r"^step 2: the gradient norm is (inf|nan)"):
+        SFTTrainer(config, model=model, tokenizer=tokenizer).train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the step was not taken
+
+
+def test_a_nan_reward_or_value_stops_ppo_before_any_update(tokenizer_dir, tmp_path):
+    def nan_for_one(prompts, responses):  # called per forward batch of 4 episodes: one NaN in each
+        scores = letter_a_reward(prompts, responses)
+        scores[3] = float("nan")
+        return scores
+
+    with pytest.raises(NonFiniteValue, match=r"^step 1: the reward is nan in 2 of 8 values"):
+        run_tiny_ppo(tmp_path / "reward", tokenizer_dir, reward_fn=nan_for_one)
+
+    class NanValues(PPOTrainer):
+        def episodes(self, *args, **kwargs):
+            part = super().episodes(*args, **kwargs)
+            part["values"][0, 0] = float("inf")
+            return part
+
+    policy, tokenizer = load_causal_lm(ppo_config(tmp_path, tokenizer_dir).policy, seed=0)
+    initial = {name: value.clone() for name, value in policy.state_dict().items()}
+    trainer = NanValues(ppo_config(tmp_path / "value", tokenizer_dir), policy=policy, tokenizer=tokenizer,
+                        reward_fn=letter_a_reward, prompts=prompt_rows())
+    with pytest.raises(NonFiniteValue, match=r"^step 1: a value is inf"):
+        trainer.train()
+    assert all(torch.equal(value, initial[name]) for name, value in policy.state_dict().items())  # no update taken
+
+
+# ----------------------------------------------------------------------------- one run per output directory
+
+HOLD_LOCK = """
+import sys, time
+from rlhf.training import RunDirectory
+RunDirectory(sys.argv[1]).lock()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tokenizer_dir, sft_files, tmp_path):
+    train, evaluation = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as caught:
+            SFTTrainer(config).train()
+        assert str(caught.value).startswith(f"output_dir: '{tmp_path / 'run'}' is in use by a run that is still going "
+                                            f"(pid {holder.pid} on ")
+        assert not (tmp_path / "run" / "config.yaml").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without cleaning up: its lock file is still there, and is simply taken over.
+    assert "pid" in (tmp_path / "run" / ".lock").read_text()
+    SFTTrainer(config).train()
+    assert (tmp_path / "run" / "final").is_dir()
+    assert f"pid {os.getpid()}" in (tmp_path / "run" / ".lock").read_text()
+
+
+# ----------------------------------------------------------------------------- quiet logs
+
+def test_checkpoints_print_no_warning_a_user_cannot_act_on(tokenizer_dir, sft_files, tmp_path):
+    train, evaluation = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=4, save_every=1,
+                             gradient_checkpointing=True)
+    config_path = tmp_path / "sft.yaml"
+    from rlhf.config import save_config
+
+    save_config(config, str(config_path))
+    result = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(config_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    text_lines = [line for line in result.stderr.replace("\r", "\n").splitlines()
+                  if line.strip() and not line.startswith("sft:")]  # the progress bar's redraws
+    assert all(" INFO rlhf." in line for line in text_lines), text_lines  # rlhf's own lines, nothing else
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "Removed shared tensor" not in log and "use_cache=True" not in log  # silenced / fixed at the source
