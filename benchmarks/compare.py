@@ -441,8 +441,9 @@ Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `benchmarks/anchors/
 - PPO: our sampler ends a response at its first EOS and stops sampling once every response of
   the batch has ended; the workload asks for no early stop. With the random model EOS is rare
   (our JSON line gives `generated_tokens` against `generated_tokens_max`).
-- PPO: one AdamW over policy and value as TRL (`ppo.separate_optimizers: false` in
-  benchmarks/configs/ppo.yaml; the library's default keeps two); the value model starts from
+- PPO: one AdamW over policy and value, one learning rate and one clipped norm, as TRL
+  (`ppo.separate_optimizers: false` in benchmarks/configs/ppo.yaml; the library's default gives
+  the critic its own parameter groups at `critic_lr` and its own clipping); the value model starts from
   the reward model (`critic.init: reward`), TRL's from the GPT-2 with a fresh head (the same
   arithmetic).
 - SFT and RM batch rows of similar length (`training.group_by_length: true` in
@@ -452,10 +453,71 @@ Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `benchmarks/anchors/
 
 ## Versions
 {chr(10).join(versions_text(lines))}
-{gpu_section(GPU_RESULTS)}"""
+{gpu_section(GPU_RESULTS)}{memory_section(MEMORY_RESULTS)}"""
 
 
 GPU_RESULTS = common.REPO_ROOT / "benchmarks" / "gpu_results.jsonl"  # kept in git: CI machines have no GPU
+MEMORY_RESULTS = common.REPO_ROOT / "benchmarks" / "memory_results.jsonl"  # kept in git: minutes per row
+MEMORY_START, MEMORY_END = "<!-- memory.py -->", "<!-- /memory.py -->"
+# What LoRA (and checkpointing) must save, as a share of full fine-tuning's peak RSS (issue targets).
+MEMORY_TARGETS = {("ppo", "lora"): 0.35, ("sft", "lora_gc"): 0.40, ("rm", "lora_gc"): 0.40}
+
+
+def memory_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: peak RSS and throughput per stage and mode, with the share of full fine-tuning's RSS
+    under the same malloc setting."""
+    full = {(row["stage"], row.get("malloc")): row["peak_rss_mb"] for row in rows if row["mode"] == "full"}
+    lines = ["| malloc | stage | mode | peak RSS MB | share of full | target | throughput | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        base = full.get((row["stage"], row.get("malloc")))
+        share = row["peak_rss_mb"] / base if base else None
+        target = MEMORY_TARGETS.get((row["stage"], row["mode"]))
+        verdict = "" if target is None or share is None else f"≤ {target:.0%}: {'met' if share <= target else 'missed'}"
+        rate = (f"{row['episodes_per_s']} episodes/s" if row["stage"] == "ppo"
+                else f"{row['real_tokens_per_s']:,} real tokens/s")
+        malloc = {"mmap_threshold_64k": "64 KiB mmap threshold", "glibc_default": "glibc default"}.get(
+            row.get("malloc"), "glibc default")
+        lines.append(f"| {malloc} | {row['stage']} | {row['mode']} | {row['peak_rss_mb']:,.0f} | "
+                     f"{'-' if share is None else f'{share:.0%}'} | {verdict} | {rate} | {row['train_runtime_s']} |")
+    return lines
+
+
+def memory_section(path: Path) -> str:
+    """The last run of benchmarks/memory.py (kept across `make bench` runs, between markers); empty without one."""
+    if not path.exists():
+        return ""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        return ""
+    last = [row for row in rows if row["date"] == rows[-1]["date"]]
+    latest = list({(row.get("malloc"), row["stage"], row["mode"]): row for row in last}.values())  # measured twice: the last
+    shape = rows[-1]["shape"]
+    lines = ["", MEMORY_START, "## Memory at a real size: full fine-tuning, LoRA, LoRA + checkpointing (`benchmarks/memory.py`)",
+             f"Measured {rows[-1]['date']} on this CPU ({rows[-1]['env'].get('cpu_capability')}, {rows[-1]['threads']} "
+             f"threads, fp32), torch {rows[-1]['versions']['torch']}: a random GPT-2 of gpt2-medium's shape "
+             f"({shape['n_layer']} layers, d={shape['n_embd']}, vocabulary {shape['vocab_size']:,}: 355 M parameters), "
+             "a few steps of each stage on rows of realistic length (SFT ~250 tokens, batch 4; RM ~300 tokens per "
+             "response, 2 prompts × 2 responses, prefix sharing off in every mode; PPO 8 episodes of ~100 + 64 "
+             "tokens). Each row is its own process; peak RSS is that process's maximum resident set. LoRA: rank 16 "
+             "on every linear layer of the blocks (PPO: policy and critic; the reference and the reward model are "
+             "their adapter-free bases). glibc's malloc keeps freed activation buffers in its heap, so with its "
+             "default settings peak RSS measures the allocator's high-water mark; with MALLOC_MMAP_THRESHOLD_=65536 "
+             "large blocks go back to the system when freed (the same speed, measured), and RSS follows what "
+             "training holds.", "", *memory_table(latest), MEMORY_END]
+    return "\n".join(lines) + "\n"
+
+
+def update_memory_section(benchmarks_md: Path, results: Path) -> None:
+    """Rewrite only the memory section of an existing BENCHMARKS.md (memory.py runs apart from make bench)."""
+    section = memory_section(results).strip("\n")
+    text = benchmarks_md.read_text(encoding="utf-8") if benchmarks_md.exists() else ""
+    if MEMORY_START in text and MEMORY_END in text:
+        before, rest = text.split(MEMORY_START, 1)
+        text = before.rstrip("\n") + "\n\n" + section + rest.split(MEMORY_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    benchmarks_md.write_text(text, encoding="utf-8")
 
 
 def gpu_section(path: Path) -> str:

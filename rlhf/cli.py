@@ -9,8 +9,6 @@ its traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from rlhf.errors import RunStopped, UserError

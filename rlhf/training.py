@@ -13,6 +13,7 @@ A stage's trainer keeps its algorithm in view; everything here is the same for a
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -193,13 +194,15 @@ def save_pretrained_atomic(accelerator: Accelerator, model: torch.nn.Module, tok
     adapter alone (``rlhf.models.lora.save_hf_model``). ``submodule``: write only this attribute of the
     prepared model (PPO's ``policy`` or ``critic``).
     """
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP/DeepSpeed shards; every process calls it
+    # Sharded weights are gathered (every process calls it); whole ones are saved from the model itself.
+    state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if submodule is not None:
             unwrapped = getattr(unwrapped, submodule)
-            state_dict = {key.removeprefix(f"{submodule}."): value for key, value in state_dict.items()
-                          if key.startswith(f"{submodule}.")}
+            if state_dict is not None:
+                state_dict = {key.removeprefix(f"{submodule}."): value for key, value in state_dict.items()
+                              if key.startswith(f"{submodule}.")}
 
         def write(directory: str) -> None:
             if isinstance(unwrapped, PreTrainedModel):
@@ -211,6 +214,24 @@ def save_pretrained_atomic(accelerator: Accelerator, model: torch.nn.Module, tok
 
         atomic_directory(final_dir, write)
     accelerator.wait_for_everyone()
+
+
+def end_training(accelerator: Accelerator, *prepared: Any) -> None:
+    """Stop the trackers and close the process group, with every process still present.
+
+    ``prepared``: the objects holding what ``accelerator.prepare`` wrapped (the trainer, its loop); their
+    ``model`` is set back to the unwrapped model first. DDP's reducer holds the process group, so
+    otherwise the group is destroyed by whichever wrapper is freed last, after the other processes
+    may have exited: a gloo group torn down that way hung rank 0 at exit once in the 2-process tests
+    (torch 2.13, in ``~ProcessGroupGloo`` joining its threads; pytorch/pytorch#75097 reports the like).
+    Released first, the group is destroyed inside ``destroy_process_group``, every process at the same point.
+    """
+    accelerator.wait_for_everyone()
+    for holder in prepared:
+        holder.model = accelerator.unwrap_model(holder.model)
+    accelerator.free_memory()  # accelerate's own references to the wrappers
+    gc.collect()  # wrappers in reference cycles
+    accelerator.end_training()
 
 
 # ----------------------------------------------------------------------------- accelerator, optimizer, schedule

@@ -35,6 +35,37 @@ LR = 5e-5  # AdamW, constant, no warm-up
 SEED = 0
 
 
+def trainer_settings(output_prefix: str) -> dict:
+    """The TrainingArguments every TRL anchor sets alike: fp32 on CPU, the workload's lr and seed, no
+    accumulation, checkpointing, saving, trackers or progress bars (the timing would include them)."""
+    import tempfile
+
+    return dict(output_dir=tempfile.mkdtemp(prefix=output_prefix), gradient_accumulation_steps=1, learning_rate=LR,
+                lr_scheduler_type="constant", bf16=False, fp16=False, gradient_checkpointing=False,
+                save_strategy="no", report_to="none", disable_tqdm=True, seed=SEED, use_cpu=True)
+
+
+def supervised_settings(output_prefix: str, optim: str, logging_steps: int) -> dict:
+    """``trainer_settings`` plus what the SFT and RM anchors add: one epoch, 8 rows a step, no warm-up or
+    weight decay, clipping at 1.0, max length 256, the given AdamW flavour, no evaluation, no workers."""
+    return dict(trainer_settings(output_prefix), num_train_epochs=1, per_device_train_batch_size=8, warmup_steps=0,
+                weight_decay=0.0, optim=optim, max_grad_norm=1.0, max_length=256, eval_strategy="no",
+                logging_strategy="steps", logging_steps=logging_steps, dataloader_num_workers=0)
+
+
+def result_tail(config, manifest: dict, cpu: dict, caught: list[str]) -> dict:
+    """The fields every anchor's result line ends with (what ran, memory, contamination, versions, data)."""
+    return {
+        "optim": config.optim if isinstance(config.optim, str) else config.optim.value,
+        "peak_rss_mb": round(common.peak_rss_mb(), 1),
+        "versions": versions(),
+        "env": common.env_info(),
+        "cpu": cpu,
+        "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
+        "warnings": sorted(set(caught)),
+    }
+
+
 def versions() -> dict:
     """The anchor's library versions: what BENCHMARKS.md's Versions section lists for it."""
     return common.package_versions("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers")
@@ -131,6 +162,15 @@ def make_step_timer():
             }
 
     return StepTimer()
+
+
+def timed_train(trainer) -> tuple[float, dict]:
+    """``trainer.train()``: its wall-clock seconds and the process's CPU use over it (common.CpuMonitor)."""
+    monitor = common.CpuMonitor().start()
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    return wall, monitor.stop()
 
 
 def capture_warnings() -> list[str]:

@@ -19,7 +19,6 @@ Prints one JSON line as the last line of stdout (compare.py reads ``episodes_per
 
 import harness  # must come first: pins the threads before torch loads
 
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -49,36 +48,21 @@ def main():
                           remove_columns=dataset.column_names)
     assert all(len(ids) == PROMPT_TOKENS for ids in dataset["input_ids"])
     config = PPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-ppo-"),
+        **harness.trainer_settings("trl-ppo-"),
         total_episodes=EPISODES,
         per_device_train_batch_size=16,  # the rollout: local_batch_size = 16 x 1 process
-        gradient_accumulation_steps=1,
         num_mini_batches=2,  # minibatches of 8, one optimizer step each
         num_ppo_epochs=1,
         local_rollout_forward_batch_size=16,
         response_length=RESPONSE_TOKENS,
-        learning_rate=harness.LR,
-        lr_scheduler_type="constant",
         num_sample_generations=0,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to="none",
         logging_steps=1,
-        disable_tqdm=True,
-        seed=harness.SEED,
-        use_cpu=True,
     )
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, train_dataset=dataset, value_model=value)
     load_s = time.perf_counter() - load_started
 
-    monitor = common.CpuMonitor().start()
-    started = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - started
-    cpu = monitor.stop()
+    wall, cpu = harness.timed_train(trainer)
 
     episodes = trainer.state.episode
     common.emit({
@@ -88,13 +72,7 @@ def main():
         "episodes": episodes,
         "episodes_per_s": round(episodes / wall, 3),
         "generated_tokens_per_s": round(episodes * RESPONSE_TOKENS / wall, 2),
-        "optim": config.optim if isinstance(config.optim, str) else config.optim.value,
-        "peak_rss_mb": round(common.peak_rss_mb(), 1),
-        "versions": harness.versions(),
-        "env": common.env_info(),
-        "cpu": cpu,
-        "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
-        "warnings": sorted(set(caught)),
+        **harness.result_tail(config, manifest, cpu, caught),
     })
 
 

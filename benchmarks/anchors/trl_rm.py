@@ -18,7 +18,6 @@ describes the benchmark.
 import harness  # must come first: pins the threads before torch loads
 
 import argparse  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -42,31 +41,7 @@ def main():
     model = AutoModelForSequenceClassification.from_pretrained(root / "model", num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     dataset = load_dataset("json", data_files=str(root / "pref.jsonl"), split="train")
-    config = RewardConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-rm-"),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=harness.LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim=args.optim,
-        max_grad_norm=1.0,
-        max_length=256,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_strategy="steps",
-        logging_steps=8,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=harness.SEED,
-        use_cpu=True,
-    )
+    config = RewardConfig(**harness.supervised_settings("trl-rm-", args.optim, logging_steps=8))
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     counter = harness.CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
@@ -74,11 +49,7 @@ def main():
     trainer.add_callback(timer)
     load_s = time.perf_counter() - load_started
 
-    monitor = common.CpuMonitor().start()
-    started = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - started
-    cpu = monitor.stop()
+    wall, cpu = harness.timed_train(trainer)
 
     pairs = counter.sequences // 2  # the collator stacks the chosen, then the rejected: 2 sequences a pair
     common.emit({
@@ -94,13 +65,7 @@ def main():
         "tokens_per_s": round(counter.nonpad_tokens / wall, 2),
         "losses_logged": [round(x, 4) for x in timer.losses],
         "step_timing": timer.summary(),
-        "optim": config.optim if isinstance(config.optim, str) else config.optim.value,
-        "peak_rss_mb": round(common.peak_rss_mb(), 1),
-        "versions": harness.versions(),
-        "env": common.env_info(),
-        "cpu": cpu,
-        "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
-        "warnings": sorted(set(caught)),
+        **harness.result_tail(config, manifest, cpu, caught),
     })
 
 

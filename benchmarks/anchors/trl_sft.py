@@ -17,7 +17,6 @@ Prints one JSON line as the last line of stdout (compare.py reads ``tokens_per_s
 import harness  # must come first: pins the threads before torch loads
 
 import argparse  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -41,32 +40,10 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
     dataset = load_dataset("json", data_files=str(root / "sft.jsonl"), split="train")
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-sft-"),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=harness.LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim=args.optim,
-        max_grad_norm=1.0,
-        max_length=256,
+        **harness.supervised_settings("trl-sft-", args.optim, logging_steps=16),
         packing=False,
         padding_free=False,
         completion_only_loss=None,  # TRL's default: True for prompt/completion datasets
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_strategy="steps",
-        logging_steps=16,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=harness.SEED,
-        use_cpu=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     counter = harness.CountingCollator(trainer.data_collator, loss_key="completion_mask")
@@ -76,11 +53,7 @@ def main():
     load_s = time.perf_counter() - load_started
     rss_before = common.current_rss_mb()
 
-    monitor = common.CpuMonitor().start()
-    started = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - started
-    cpu = monitor.stop()
+    wall, cpu = harness.timed_train(trainer)
 
     n_non_embedding = harness.non_embedding_params(trainer.model)
     steps = timer.summary()
@@ -104,15 +77,9 @@ def main():
         "n_params_non_embedding": n_non_embedding,
         "train_flops_6ND_nonemb": 6 * n_non_embedding * counter.nonpad_tokens,
         "achieved_gflops_6ND_nonemb": round(6 * n_non_embedding * counter.nonpad_tokens / wall / 1e9, 3),
-        "optim": config.optim if isinstance(config.optim, str) else config.optim.value,
         "lr": harness.LR,
         "rss_mb_before_train": round(rss_before, 1),
-        "peak_rss_mb": round(common.peak_rss_mb(), 1),
-        "versions": harness.versions(),
-        "env": common.env_info(),
-        "cpu": cpu,
-        "workload_sha_model": manifest["files"]["model/model.safetensors"]["sha256"][:16],
-        "warnings": sorted(set(caught)),
+        **harness.result_tail(config, manifest, cpu, caught),
     })
 
 

@@ -158,7 +158,10 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     if target is None or not target.supports_gradient_checkpointing:
         name = type(target or model).__name__
         raise UserError(f"training.gradient_checkpointing: {name} does not support gradient checkpointing")
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_fresh_gpt2(architecture: ArchitectureConfig, tokenizer) -> GPT2LMHeadModel:

@@ -27,7 +27,7 @@ from rlhf.functional import exclusive_cumsum_positions, last_valid_index
 from rlhf.config import LoraConfig
 from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, enable_gradient_checkpointing, ensure_pad_token,
                                   from_pretrained_or_error)
-from rlhf.models.lora import apply_lora, save_hf_model
+from rlhf.models.lora import apply_lora, has_lora, save_hf_model
 
 
 class ScalarHeadModel(nn.Module):
@@ -205,7 +205,7 @@ def make_trainable(model: torch.nn.Module, lora: LoraConfig | None, gradient_che
         key: the config key of ``lora``, for error messages.
     """
     hf_model, head = (model.model, "score") if isinstance(model, ScalarHeadModel) else (model, None)
-    if lora is not None:
+    if lora is not None and not has_lora(hf_model):  # a model trained twice keeps its first adapters
         apply_lora(hf_model, lora, key, scalar_head=head)
     if gradient_checkpointing:
         enable_gradient_checkpointing(hf_model)

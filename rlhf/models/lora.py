@@ -114,13 +114,16 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             module.enable_adapters(True)
 
 
-def merged_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                      adapters_added: bool = False) -> dict[str, torch.Tensor]:
     """``state_dict`` of ``model`` (with adapters) as the plain model's: each adapted weight becomes
     W + (alpha/r)·B·A, each trained head copy replaces its original.
 
     Args:
         model: the model with adapters (module names and each layer's scaling and layout are read from it).
         state_dict: its full weights, possibly gathered from shards (keys as ``model.state_dict()``).
+        adapters_added: the base weights already hold the adapters (peft's in-place ``merge_adapter``):
+            only rename, copying nothing.
     Returns:
         The state dict ``save_pretrained`` of the plain architecture expects (equal to peft's
         ``merge_and_unload`` up to float rounding; tested).
@@ -132,13 +135,16 @@ def merged_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, LoraLayer):
-            lora_a = merged.pop(f"{prefix}lora_A.{ADAPTER_NAME}.weight").float()
-            lora_b = merged.pop(f"{prefix}lora_B.{ADAPTER_NAME}.weight").float()
-            delta = (lora_b @ lora_a) * module.scaling[ADAPTER_NAME]
-            if module.fan_in_fan_out:  # GPT-2's Conv1D stores its weight as (in, out)
-                delta = delta.T
+            lora_a = merged.pop(f"{prefix}lora_A.{ADAPTER_NAME}.weight")
+            lora_b = merged.pop(f"{prefix}lora_B.{ADAPTER_NAME}.weight")
             base = merged.pop(f"{prefix}base_layer.weight")
-            merged[f"{prefix}weight"] = (base.float() + delta).to(base.dtype)
+            if adapters_added:
+                merged[f"{prefix}weight"] = base
+            else:
+                delta = (lora_b.float() @ lora_a.float()) * module.scaling[ADAPTER_NAME]
+                if module.fan_in_fan_out:  # GPT-2's Conv1D stores its weight as (in, out)
+                    delta = delta.T
+                merged[f"{prefix}weight"] = (base.float() + delta).to(base.dtype)
             if f"{prefix}base_layer.bias" in merged:
                 merged[f"{prefix}bias"] = merged.pop(f"{prefix}base_layer.bias")
         elif isinstance(module, ModulesToSaveWrapper):
@@ -149,6 +155,19 @@ def merged_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
                 elif key.startswith(f"{prefix}original_module."):
                     del merged[key]
     return merged
+
+
+@contextlib.contextmanager
+def adapters_merged_in_place(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every adapter is added into its base weight in place (peft's ``merge_adapter``;
+    the forward then skips the adapters), so a merged checkpoint is written without a second copy of the
+    weights; afterwards they are taken out again (``unmerge_adapter``: the same model up to float rounding)."""
+    peft_model = peft_wrapper_of(model)
+    peft_model.merge_adapter()
+    try:
+        yield
+    finally:
+        peft_model.unmerge_adapter()
 
 
 def save_adapter(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], directory: str) -> None:
@@ -178,15 +197,22 @@ def save_hf_model(model, directory: str, state_dict: dict[str, torch.Tensor] | N
 
     Args:
         model: a Hugging Face model (unwrapped from DDP/FSDP).
-        state_dict: its full weights, gathered from every process (default: ``model.state_dict()``).
+        state_dict: its full weights gathered from every process's shards; None: the model's own weights
+            (one process, DDP, ZeRO-1/2), which a merged checkpoint then merges in place.
     """
+    own_weights = state_dict is None
     state_dict = state_dict if state_dict is not None else model.state_dict()
     if not has_lora(model):
         model.save_pretrained(directory, state_dict=state_dict)
         return
     if save_merged:
-        model.save_pretrained(directory, state_dict=merged_state_dict(model, state_dict))
         save_adapter(model, state_dict, os.path.join(directory, ADAPTER_DIR))
+        if own_weights:  # merge in place: a 1B model's merged copy would be gigabytes more at the very end
+            with adapters_merged_in_place(model):
+                model.save_pretrained(directory, state_dict=merged_state_dict(model, model.state_dict(),
+                                                                              adapters_added=True))
+        else:  # gathered from shards: already a copy, merged into new tensors
+            model.save_pretrained(directory, state_dict=merged_state_dict(model, state_dict))
         return
     save_adapter(model, state_dict, directory)
     normalization = reward_normalization(model.config)

@@ -69,6 +69,7 @@ from rlhf.training import (
     configure_deepspeed,
     create_optimizer,
     create_scheduler,
+    end_training,
     full_weights,
     load_checkpoint,
     micro_batch_sync,
@@ -403,7 +404,7 @@ class PPOTrainer:
                                submodule="policy")
         save_pretrained_atomic(accelerator, self.model, self.tokenizer, run.path("value_model"),
                                save_merged(config.critic), submodule="critic")
-        accelerator.end_training()
+        end_training(accelerator, self)
         logger.info("PPO done: %s", run.final_dir)
         return run.final_dir
 

@@ -47,6 +47,7 @@ from rlhf.scoring import raw_scores
 from rlhf.training import (
     MetricsLogger,
     SupervisedLoop,
+    end_training,
     full_weights,
     stops_gracefully,
     save_pretrained_atomic,
@@ -224,7 +225,7 @@ class RewardTrainer:
             with full_weights(accelerator, loop.model) as model:  # every process enters; the main one writes
                 if accelerator.is_main_process:
                     self.write_samples(model, eval_examples or train_examples, run.path("samples.jsonl"))
-        accelerator.end_training()
+        end_training(accelerator, self, loop)
         logger.info("RM done: %s", run.final_dir)
         return run.final_dir
 

@@ -16,7 +16,8 @@ from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
 from rlhf.models import adopt_model, kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged
-from rlhf.training import SupervisedLoop, full_weights, save_pretrained_atomic, start_run, stops_gracefully, write_jsonl
+from rlhf.training import (SupervisedLoop, end_training, full_weights, save_pretrained_atomic, start_run, stops_gracefully,
+                           write_jsonl)
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class SFTTrainer:
             with full_weights(accelerator, loop.model) as model:
                 if accelerator.is_main_process:
                     self.write_samples(model, eval_examples or train_examples, run.path("samples.jsonl"))
-        accelerator.end_training()
+        end_training(accelerator, self, loop)
         logger.info("SFT done: %s", run.final_dir)
         return run.final_dir
 

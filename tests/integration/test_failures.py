@@ -4,16 +4,14 @@ training, a second run on the same output directory, and library log noise."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import make_rows, tiny_sft_config, write_jsonl
+from conftest import tiny_sft_config
 from rlhf import PPOTrainer, SFTTrainer, UserError
 from rlhf.config import ModelConfig
 from rlhf.errors import NonFiniteValue

@@ -6,7 +6,6 @@ it. Every stage, in this process: the signal is raised from inside the training 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 

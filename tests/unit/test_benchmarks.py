@@ -447,3 +447,34 @@ def test_ppo_logs_train_runtime_episodes_and_generated_tokens_with_its_last_step
     assert last["train_runtime_s"] > 0 and last["train_episodes"] == 8
     assert 8 <= last["train_generated_tokens"] <= 8 * 5  # each response has 1 to max_new_tokens real tokens
 
+
+
+# ----------------------------------------------------------------------------- memory.py's section of BENCHMARKS.md
+
+def memory_row(stage: str, mode: str, rss: float, date: str = "2026-12-02") -> dict:
+    rate = {"episodes_per_s": 0.5} if stage == "ppo" else {"real_tokens_per_s": 40.0}
+    return {"stage": stage, "mode": mode, "peak_rss_mb": rss, "train_runtime_s": 60.0, "date": date, "threads": 2,
+            "shape": {"n_layer": 24, "n_embd": 1024, "vocab_size": 50257}, "env": {"cpu_capability": "AVX2"},
+            "versions": {"torch": "2.13.0"}, **rate}
+
+
+def test_memory_table_gives_the_share_of_full_and_the_targets():
+    lines = compare.memory_table([memory_row("ppo", "full", 10000), memory_row("ppo", "lora", 3000),
+                                  memory_row("sft", "full", 8000), memory_row("sft", "lora_gc", 3600)])
+    assert "| glibc default | ppo | lora | 3,000 | 30% | ≤ 35%: met | 0.5 episodes/s | 60.0 |" in lines
+    assert "| glibc default | sft | lora_gc | 3,600 | 45% | ≤ 40%: missed | 40.0 real tokens/s | 60.0 |" in lines
+
+
+def test_memory_section_is_rewritten_in_place_and_kept_by_make_bench(tmp_path):
+    results = tmp_path / "memory_results.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in [
+        memory_row("sft", "full", 9999, date="2026-11-30"),  # an older run: not shown
+        memory_row("sft", "full", 8000), memory_row("sft", "lora_gc", 3000)]) + "\n")
+    benchmarks_md = tmp_path / "BENCHMARKS.md"
+    benchmarks_md.write_text("# Benchmarks\n\nthe CPU table\n")
+    compare.update_memory_section(benchmarks_md, results)
+    compare.update_memory_section(benchmarks_md, results)  # twice: replaced, not appended again
+    text = benchmarks_md.read_text()
+    assert text.startswith("# Benchmarks\n\nthe CPU table\n") and text.count(compare.MEMORY_START) == 1
+    assert "| sft | lora_gc | 3,000 | 38% |" in text and "9,999" not in text
+    assert compare.memory_section(results).strip() in text  # what make bench writes when it regenerates the file
