@@ -126,6 +126,12 @@ class TrainingConfig:
     group_by_length: bool = param(False, help=(
         "SFT and RM: batch examples of similar length (each epoch's shuffled order is cut into windows of 50 "
         "batches, each sorted by length) so less compute goes to padding; changes which examples share a batch"))
+    packing: bool = param(False, help=(
+        "SFT: put each micro-batch's examples into as few rows of at most data.max_length tokens as they fit "
+        "(position ids restart at each example; no token attends across examples) instead of padding every row "
+        "to the longest: the same loss and gradients up to float rounding, less compute on padding. Needs a "
+        "model whose attention reads packed position ids (transformers' own architectures; checked when "
+        "training starts). The reward model and PPO pad their batches"))
     eval_batch_size: int | None = param(None, help="examples per device when evaluating (default: batch_size)", min=1)
     lr: float = param(5e-5, help="peak learning rate", min=0.0)
     weight_decay: float = param(0.0, help="AdamW decoupled weight decay", min=0.0)
@@ -279,6 +285,8 @@ class RewardConfig:
                             "data.eval_fraction > 0, or use normalization.set=train")
         if self.normalization.scale and norm_set == "none":
             problems.append("normalization.scale: true needs a normalization.set other than none")
+        if self.training.packing:
+            problems.append("training.packing: SFT only; the reward model pads its batches (set it to false)")
         if self.prefix_sharing and self.training.gradient_checkpointing:
             problems.append("prefix_sharing: the responses attend to their prompt's key/value cache, which "
                             "gradient checkpointing does not keep; set prefix_sharing=false to use "
@@ -633,6 +641,8 @@ class PPOConfig:
             problems.append("ppo.logprobs_from_generation: only valid with top_k=0 and top_p=1 (docs/ppo.md#37)")
         if ppo.ptx_coef > 0 and not ppo.ptx_data:
             problems.append("ppo.ptx_data: required when ppo.ptx_coef > 0")
+        if self.training.packing:
+            problems.append("training.packing: SFT only; PPO pads its rollouts (set it to false)")
         if self.training.gradient_accumulation_steps != 1:
             problems.append("training.gradient_accumulation_steps: PPO derives accumulation from "
                             "ppo.num_minibatches and training.batch_size; leave it at 1")

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -27,6 +28,7 @@ from rlhf.errors import UserError
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+SOURCE_ROW = "__rlhf_source_row__"  # a row's index in its file, kept through the eval split
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -250,6 +252,7 @@ def tokenize_sft(table, tokenizer, data_format: str, max_length: int, train_on_p
         ensure_chat_template(tokenizer)
     response_column = "response" if "response" in table.column_names else "completion"
     for row_index, row in enumerate(table):
+        row_index = row.get(SOURCE_ROW, row_index)
         if data_format == "prompt_response":
             prompt = check_text(row, "prompt", row_index, path)
             response = check_text(row, response_column, row_index, path)
@@ -370,6 +373,8 @@ def load_sft_examples(data_config, tokenizer, max_length: int, seed: int) -> tup
                                     data_config.columns, data_config.eval_path)
         detect_sft_format(eval_table, data_format, data_config.eval_path)
     elif data_config.eval_fraction > 0 and len(table) > 1:
+        # Each row keeps its place in the file, so an error in either part names the right line.
+        table = table.add_column(SOURCE_ROW, list(range(len(table))))
         parts = table.train_test_split(test_size=data_config.eval_fraction, seed=seed)
         table, eval_table = parts["train"], parts["test"]
     else:
@@ -411,6 +416,57 @@ def collate_sft(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
     labels = pad_right([e["labels"] for e in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into as few rows of at most ``capacity`` tokens as first-fit
+    decreasing finds (each length must fit on its own); rows in order of their first member."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[index] > capacity:
+            raise ValueError(f"an example of {lengths[index]} tokens does not fit in a row of {capacity}")
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def collate_sft_packed(examples: list[dict], pad_token_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """The examples of one micro-batch packed into rows of at most ``capacity`` tokens, padding-free.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 on each example, so a model
+    that reads packed position ids attends only within an example), ``attention_mask`` (1 on real
+    tokens: for counting, not given to the model) and ``num_examples``. Each example's first label
+    is IGNORE_INDEX: the previous example's last token must not be trained to predict it (in a padded
+    batch, nothing predicts a row's first token either). The tail of a shorter row is padding that
+    continues the row's last example (its positions go on, its labels are ignored): causal attention
+    keeps every real token from seeing it, and a row holding one example stays one segment, which
+    attention runs without a packed mask. Same loss as ``collate_sft``.
+    """
+    rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
+    input_rows, label_rows, position_rows = [], [], []
+    for row in rows:
+        input_ids, labels, positions = [], [], []
+        for index in row:
+            example = examples[index]
+            input_ids += example["input_ids"]
+            labels += [IGNORE_INDEX] + example["labels"][1:]
+            positions += list(range(len(example["input_ids"])))
+        input_rows.append(input_ids)
+        label_rows.append(labels)
+        position_rows.append(positions)
+    longest = max(len(ids) for ids in input_rows)
+    tails = [longest - len(ids) for ids in input_rows]
+    return {"input_ids": pad_right(input_rows, pad_token_id),
+            "labels": pad_right(label_rows, IGNORE_INDEX),
+            "position_ids": torch.tensor([p + list(range(p[-1] + 1, p[-1] + 1 + t)) for p, t in zip(position_rows, tails)],
+                                         dtype=torch.long),
+            "attention_mask": pad_right([[1] * len(ids) for ids in input_rows], 0),
+            "num_examples": torch.tensor(len(examples))}
 
 # ----------------------------------------------------------------------------- prompts (PPO)
 

@@ -894,7 +894,9 @@ class SupervisedLoop:
                 for key, value in stats.items():
                     window_sums[key] = window_sums.get(key, 0.0) + value
                 window_tokens += sum(int(batch[key].sum()) for key in ("attention_mask", "prefix_mask") if key in batch)
-                state.examples_seen += len(next(iter(batch.values())))
+                # A packed batch's rows hold several examples each: it counts them itself.
+                state.examples_seen += (int(batch["num_examples"]) if "num_examples" in batch
+                                        else len(next(iter(batch.values()))))
             window_units += local_units
             lr = self.scheduler.get_last_lr()[0]
             grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, training.max_grad_norm,

@@ -244,6 +244,36 @@ def resolve_max_length(requested: int, model: PreTrainedModel) -> int:
     return requested
 
 
+@torch.no_grad()
+def check_packing_support(model: torch.nn.Module) -> None:
+    """Raise ``UserError`` unless ``model`` keeps packed examples apart (``training.packing``).
+
+    Two short random sequences run packed in one row (position ids restarting, no attention mask) must
+    give the logits they give run one by one. transformers' own architectures read the example
+    boundaries from the position ids (``masking_utils``, transformers >= 4.5x); a model that ignores them
+    would let each example attend to the one before it and train on a silently different objective.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(vocab, (1, length), generator=generator).to(device) for length in (5, 3))
+    was_training = model.training
+    model.eval()
+    try:
+        alone = torch.cat([model(input_ids=ids, use_cache=False).logits for ids in (first, second)], dim=1).float()
+        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device)
+        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    # Rounding differs between one row and two (bf16 weights included); attention across examples differs by far more.
+    if (alone - packed).abs().max() > 1e-2 * alone.abs().max() + 1e-4:
+        import transformers
+
+        raise UserError(f"training.packing: {type(model).__name__} (transformers {transformers.__version__}) attends "
+                        "across packed examples: it does not read example boundaries from position ids; set "
+                        "training.packing=false")
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
@@ -272,7 +302,7 @@ def _accepted_logits_to_keep(model) -> tuple[bool, bool, bool]:
     return takes_int, takes_int and own_class and hasattr(modeling_utils, "slice_logits_to_keep"), takes_cache
 
 
-def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor | int,
+def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: torch.Tensor | int,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """A causal LM's logits only at the positions a loss reads, so the vocabulary projection
     (the largest matmul of a small model) skips the rest.

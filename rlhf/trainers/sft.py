@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.config import SFTConfig
-from rlhf.data import IGNORE_INDEX, collate_sft, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
+from rlhf.data import IGNORE_INDEX, collate_sft, collate_sft_packed, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
-from rlhf.models import adopt_model, kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged
+from rlhf.models import adopt_model, check_packing_support, kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged
 from rlhf.training import (SupervisedLoop, end_training, full_weights, save_pretrained_atomic, start_run, stops_gracefully,
                            write_jsonl)
 
@@ -23,12 +23,19 @@ logger = logging.getLogger(__name__)
 
 
 class LanguageModelingObjective:
-    """Next-token loss summed over trained tokens; units = trained tokens, so the step loss is a token mean."""
+    """Next-token loss summed over trained tokens; units = trained tokens, so the step loss is a token mean.
 
-    def __init__(self, pad_token_id: int):
+    ``pack_length``: pack each batch's examples into rows of at most this many tokens instead of padding
+    (``training.packing``; the model must pass ``check_packing_support``). The loss is the same sum.
+    """
+
+    def __init__(self, pad_token_id: int, pack_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.pack_length = pack_length
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.pack_length:
+            return collate_sft_packed(examples, self.pad_token_id, self.pack_length)
         return collate_sft(examples, self.pad_token_id)
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
@@ -43,7 +50,10 @@ class LanguageModelingObjective:
         targets = batch["labels"][:, 1:]
         trained = targets != IGNORE_INDEX
         predicts_trained = F.pad(trained, (0, 1), value=False)  # (B, T): the last position predicts nothing
-        logits = kept_logits(model, batch["input_ids"], batch["attention_mask"], predicts_trained)
+        if "position_ids" in batch:  # packed: the boundaries are in the positions; a mask would hide them
+            logits = kept_logits(model, batch["input_ids"], None, predicts_trained, position_ids=batch["position_ids"])
+        else:
+            logits = kept_logits(model, batch["input_ids"], batch["attention_mask"], predicts_trained)
         loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
         return loss_sum, {"loss": loss_sum.item()}
 
@@ -99,9 +109,13 @@ class SFTTrainer:
         train_examples, eval_examples = self.load_examples(max_length)
 
         loop = SupervisedLoop(accelerator=accelerator, model=self.model,
-                              objective=LanguageModelingObjective(self.tokenizer.pad_token_id),
+                              objective=LanguageModelingObjective(self.tokenizer.pad_token_id,
+                                                                  max_length if config.training.packing else None),
                               train_examples=train_examples, eval_examples=eval_examples,
                               training=config.training, run=run, progress_desc="sft")
+        if config.training.packing:  # every process: sharded weights are gathered for the check
+            with full_weights(accelerator, loop.model) as model:
+                check_packing_support(model)
         logger.info("SFT: %d train / %d eval examples, %d optimizer steps", len(train_examples),
                     len(eval_examples), loop.total_steps)
         loop.train(resume_from=resume_from)

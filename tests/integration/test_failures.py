@@ -4,6 +4,7 @@ training, a second run on the same output directory, and library log noise."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,18 @@ def test_a_bad_row_is_named_by_file_and_line(tokenizer_dir, tmp_path, content, e
     assert str(path) in str(caught.value) and expected in str(caught.value), str(caught.value)
     assert "\n" not in str(caught.value)
 
+
+
+def test_a_bad_row_is_named_by_its_line_in_the_file_after_the_eval_split(tokenizer_dir, tmp_path):
+    """Without eval_path a share of the rows is held out at random first: the line named is still the file's."""
+    rows = [json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) for i in range(40)]
+    rows[16] = json.dumps({"prompt": "p16", "response": 16})
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = tiny_sft_config(tokenizer_dir, str(path), None, str(tmp_path / "run"))
+    config.data.eval_fraction = 0.25
+    with pytest.raises(UserError, match=r"line 17: column 'response' must be text, found int"):
+        SFTTrainer(config).train()
 
 def test_the_terminal_gets_one_line_and_the_library_log_goes_to_run_log(tokenizer_dir, tmp_path):
     """datasets logs its own failure before raising; that line belongs in run.log, not before our error."""

@@ -292,3 +292,113 @@ def test_length_grouped_batches_train_on_less_padding(tokenizer_dir, sft_files, 
         last = read_metrics(config.output_dir)[-1]
         assert last["train_tokens"] > 0 and last["train_runtime_s"] > 0 and math.isfinite(last["loss"])
     assert padding[True] < padding[False]
+
+
+# ----------------------------------------------------------------------------- padding-free batches (training.packing)
+
+def random_examples(count: int, vocab: int, seed: int) -> list[dict]:
+    """SFT examples of 2..24 tokens, the first third of each untrained (a prompt), the rest trained."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        length = int(torch.randint(2, 25, (1,), generator=generator))
+        ids = torch.randint(vocab, (length,), generator=generator).tolist()
+        prompt = length // 3
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return examples
+
+
+def per_example_losses(model, batch: dict, segments: list[list[tuple[int, int]]]) -> list[float]:
+    """Summed next-token loss of each example; ``segments[row]``: (start, length) of its examples."""
+    inputs = {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    logits = model(**inputs, use_cache=False).logits.float()
+    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                                   reduction="none", ignore_index=-100)
+    token_loss = torch.nn.functional.pad(token_loss, (1, 0))  # token_loss[:, t]: the loss of predicting token t
+    return [float(token_loss[row, start:start + length].sum().detach()) for row, spans in enumerate(segments)
+            for start, length in spans]
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox"])
+def test_a_packed_batch_gives_every_example_the_loss_and_gradient_of_the_padded_batch(tokenizer_dir, architecture):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from rlhf.data import collate_sft, collate_sft_packed, pack_rows
+    from rlhf.models import check_packing_support
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=64))
+    else:  # rotary positions: packing must restart them too
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=300, num_hidden_layers=2, num_attention_heads=2,
+                                                 hidden_size=32, intermediate_size=64, max_position_embeddings=64))
+    model.eval()  # no dropout: the two batches must see the same function
+    check_packing_support(model)
+    examples = random_examples(9, 300, seed=1)
+    capacity = 40
+    padded = collate_sft(examples, pad_token_id=0)
+    packed = collate_sft_packed(examples, pad_token_id=0, capacity=capacity)
+    rows = pack_rows([len(e["input_ids"]) for e in examples], capacity)
+    assert packed["input_ids"].shape[0] == len(rows) < len(examples)  # fewer rows ...
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # ... and fewer tokens than padding
+    assert int(packed["num_examples"]) == len(examples)
+    assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
+
+    alone = per_example_losses(model, padded, [[(0, len(e["input_ids"]))] for e in examples])
+    segments, order = [], []
+    for row in rows:
+        spans, start = [], 0
+        for index in row:
+            spans.append((start, len(examples[index]["input_ids"])))
+            start += len(examples[index]["input_ids"])
+            order.append(index)
+        segments.append(spans)
+    together = per_example_losses(model, packed, segments)
+    for index, loss in zip(order, together):
+        assert loss == pytest.approx(alone[index], rel=1e-4, abs=1e-5), index
+
+    # The objective the trainer minimises: the same sum, the same gradient.
+    gradients = []
+    for objective in (LanguageModelingObjective(0), LanguageModelingObjective(0, pack_length=capacity)):
+        model.zero_grad()
+        batch = objective.collate(examples)
+        loss_sum, _ = objective.loss_sum(model, batch)
+        loss_sum.backward()
+        assert objective.count_units(batch) == int((padded["labels"][:, 1:] != -100).sum())
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    for name in gradients[0]:
+        assert torch.allclose(gradients[0][name], gradients[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_packed_sft_trains_the_loss_curve_of_padded_sft(tokenizer_dir, sft_files, tmp_path):
+    train, evaluation = sft_files
+    runs = {}
+    for packing in (False, True):
+        config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / f"packing-{packing}"),
+                                 max_steps=6, eval_every=3, packing=packing)
+        config.logging.num_samples = 0
+        SFTTrainer(config).train()
+        runs[packing] = read_metrics(config.output_dir)
+    for key in ("loss", "eval/loss", "grad_norm"):
+        padded = [m[key] for m in runs[False] if key in m]
+        packed = [m[key] for m in runs[True] if key in m]
+        assert len(padded) >= 3 and packed == pytest.approx(padded, rel=1e-4), key
+    tokens = [next(m["train_tokens"] for m in runs[packing] if "train_tokens" in m) for packing in (False, True)]
+    assert tokens[0] == tokens[1] > 0  # real tokens counted, not padding
+
+
+def test_packing_is_refused_for_a_model_that_attends_across_examples(tokenizer_dir, sft_files, tmp_path):
+    class IgnoresPositions(GPT2LMHeadModel):  # what remote code written before packed position ids does
+        def forward(self, input_ids=None, position_ids=None, **kwargs):
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    _, tokenizer = load_causal_lm(tiny_sft_config(tokenizer_dir, "x", None, "y").model)
+    model = IgnoresPositions(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    train, _ = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, None, str(tmp_path / "run"), max_steps=1, packing=True)
+    with pytest.raises(UserError, match=r"^training.packing: IgnoresPositions .* attends across packed examples"):
+        SFTTrainer(config, model=model, tokenizer=tokenizer).train()

@@ -322,3 +322,12 @@ def test_bare_no_in_yaml_is_the_choice_no_not_a_boolean(tmp_path):
                                          "model.name_or_path=m"]).training.mixed_precision == "no"
     message = load_error(tmp_path, {**VALID, "training": {"lr_scheduler": False}})
     assert "training.lr_scheduler: 'False' is not one of cosine, linear, constant" in message
+
+
+
+@pytest.mark.parametrize("name", ["rm", "ppo"])
+def test_packing_is_refused_where_batches_are_padded(name):
+    from rlhf.config import PPOConfig, RewardConfig
+
+    with pytest.raises(UserError, match=r"training.packing: SFT only"):
+        load_config({"rm": RewardConfig, "ppo": PPOConfig}[name], f"configs/{name}.yaml", ["training.packing=true"])

@@ -360,3 +360,30 @@ def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
     big.write_bytes((line * 40000).encode("utf-8") + b'{"prompt": "\xff"}\n')
     with pytest.raises(UserError, match=r"big.jsonl' line 40001: not UTF-8 text"):
         load_table(str(big))
+
+
+def test_pack_rows_fills_rows_first_fit_decreasing_within_capacity():
+    from rlhf.data import pack_rows
+
+    lengths = [5, 9, 2, 7, 3, 10]
+    rows = pack_rows(lengths, capacity=12)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each example exactly once
+    assert all(sum(lengths[i] for i in row) <= 12 for row in rows)
+    assert rows == [[5, 2], [1, 4], [3, 0]]  # 10+2, 9+3, 7+5: the fewest rows (36 tokens in 3 rows of 12)
+    with pytest.raises(ValueError, match="13 tokens does not fit in a row of 12"):
+        pack_rows([13], capacity=12)
+
+
+def test_collate_sft_packed_restarts_positions_and_never_trains_across_a_boundary():
+    from rlhf.data import collate_sft_packed
+
+    examples = [{"input_ids": [11, 12, 13], "labels": [-100, 12, 13]},
+                {"input_ids": [21, 22], "labels": [21, 22]},  # fully trained: its first label still goes
+                {"input_ids": [31, 32, 33, 34, 35, 36], "labels": [-100, -100, 33, 34, 35, 36]}]
+    batch = collate_sft_packed(examples, pad_token_id=0, capacity=6)
+    assert batch["input_ids"].tolist() == [[31, 32, 33, 34, 35, 36], [11, 12, 13, 21, 22, 0]]
+    # Tail padding goes on from its row's last example: causal attention keeps real tokens from seeing it.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, -100, 33, 34, 35, 36], [-100, 12, 13, -100, 22, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]
+    assert int(batch["num_examples"]) == 3
