@@ -127,7 +127,7 @@ def first_invalid_json_line(path: str) -> str | None:
         try:
             value = json.loads(line)
         except ValueError as error:
-            return f"line {line_number}: not valid JSON ({getattr(error, 'msg', error)} at column {getattr(error, 'colno', '?')})"
+            return f"line {line_number}: not valid JSON ({str(getattr(error, 'msg', error)).removesuffix(' at')} at column {getattr(error, 'colno', '?')})"
         if not isinstance(value, dict):
             return f"line {line_number}: expected a JSON object ({{\"column\": value, ...}}), found {type(value).__name__}"
         # Arrow gives a column one type for the whole file: a value of another type (null aside) fails the load.

@@ -868,74 +868,75 @@ class SupervisedLoop:
             metrics_logger.log(0, prefix("eval/", self.evaluate()), epoch=0.0)
         progress = tqdm(total=self.total_steps, initial=state.step, desc=self.progress_desc,
                         disable=not accelerator.is_main_process, dynamic_ncols=True)
-        window_sums: dict[str, float] = {}
-        window_units, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        # This session's training time and real tokens, logged with the last step (train_runtime_s,
-        # train_tokens): evaluation and checkpoint saving are paused out, as for tokens_per_s.
-        train_start, paused_s, session_tokens = window_start, 0.0, 0
-        self.model.train()
-        while state.step < self.total_steps:
-            # ---- one optimizer step over `accumulation` micro-batches
-            first = state.step * training.gradient_accumulation_steps
-            batches = [self.micro_batch(first + i) for i in range(training.gradient_accumulation_steps)]
-            local_units = sum(self.objective.count_units(b) for b in batches)
-            step_units = float(accelerator.reduce(torch.tensor(local_units, device=accelerator.device, dtype=torch.float64), "sum"))
-            step_loss = 0.0
-            for i, batch in enumerate(batches):
-                is_last = i == len(batches) - 1
-                with micro_batch_sync(accelerator, self.model, is_last):
-                    with accelerator.autocast():
-                        loss_sum, stats = self.objective.loss_sum(self.model, batch)
-                    step_loss += stats.get("loss", 0.0)
-                    if is_last:  # before the backward that, under DeepSpeed, also takes the optimizer step
-                        check_finite(accelerator, state.step + 1, {"the loss": step_loss}, self.run)
-                    # DDP averages gradients over processes, hence × num_processes.
-                    accelerator.backward(loss_sum * accelerator.num_processes / max(step_units, 1.0))
-                for key, value in stats.items():
-                    window_sums[key] = window_sums.get(key, 0.0) + value
-                window_tokens += sum(int(batch[key].sum()) for key in ("attention_mask", "prefix_mask") if key in batch)
-                # A packed batch's rows hold several examples each: it counts them itself.
-                state.examples_seen += (int(batch["num_examples"]) if "num_examples" in batch
-                                        else len(next(iter(batch.values()))))
-            window_units += local_units
-            lr = self.scheduler.get_last_lr()[0]
-            grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, training.max_grad_norm,
-                                       step=state.step + 1, run=self.run)
-            state.step += 1
-            progress.update(1)
+        try:
+            window_sums: dict[str, float] = {}
+            window_units, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            # This session's training time and real tokens, logged with the last step (train_runtime_s,
+            # train_tokens): evaluation and checkpoint saving are paused out, as for tokens_per_s.
+            train_start, paused_s, session_tokens = window_start, 0.0, 0
+            self.model.train()
+            while state.step < self.total_steps:
+                # ---- one optimizer step over `accumulation` micro-batches
+                first = state.step * training.gradient_accumulation_steps
+                batches = [self.micro_batch(first + i) for i in range(training.gradient_accumulation_steps)]
+                local_units = sum(self.objective.count_units(b) for b in batches)
+                step_units = float(accelerator.reduce(torch.tensor(local_units, device=accelerator.device, dtype=torch.float64), "sum"))
+                step_loss = 0.0
+                for i, batch in enumerate(batches):
+                    is_last = i == len(batches) - 1
+                    with micro_batch_sync(accelerator, self.model, is_last):
+                        with accelerator.autocast():
+                            loss_sum, stats = self.objective.loss_sum(self.model, batch)
+                        step_loss += stats.get("loss", 0.0)
+                        if is_last:  # before the backward that, under DeepSpeed, also takes the optimizer step
+                            check_finite(accelerator, state.step + 1, {"the loss": step_loss}, self.run)
+                        # DDP averages gradients over processes, hence × num_processes.
+                        accelerator.backward(loss_sum * accelerator.num_processes / max(step_units, 1.0))
+                    for key, value in stats.items():
+                        window_sums[key] = window_sums.get(key, 0.0) + value
+                    window_tokens += sum(int(batch[key].sum()) for key in ("attention_mask", "prefix_mask") if key in batch)
+                    # A packed batch's rows hold several examples each: it counts them itself.
+                    state.examples_seen += (int(batch["num_examples"]) if "num_examples" in batch
+                                            else len(next(iter(batch.values()))))
+                window_units += local_units
+                lr = self.scheduler.get_last_lr()[0]
+                grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, training.max_grad_norm,
+                                           step=state.step + 1, run=self.run)
+                state.step += 1
+                progress.update(1)
 
-            # ---- log, evaluate, checkpoint
-            if state.step % training.log_every == 0 or state.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics = self.objective.summarize(*summed_over_processes(accelerator, window_sums, window_units))
-                metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens * accelerator.num_processes / max(elapsed, 1e-9))
-                state.tokens_seen += window_tokens
-                session_tokens += window_tokens
-                if state.step == self.total_steps:
-                    metrics.update(train_runtime_s=time.perf_counter() - train_start - paused_s,
-                                   train_tokens=session_tokens * accelerator.num_processes)
-                metrics_logger.log(state.step, metrics, epoch=self.order.epoch_at(first + training.gradient_accumulation_steps))
-                progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "tokens_per_s") if k in metrics})
-                if on_log is not None:
-                    on_log(state.step, metrics)
-                window_sums, window_units, window_tokens, window_start = {}, 0.0, 0, time.perf_counter()
-            is_last_step = state.step == self.total_steps
-            paused_at = time.perf_counter()  # evaluation and saving are not training: keep them out of tokens_per_s
-            if ((training.eval_every and state.step % training.eval_every == 0) or is_last_step) and self.eval_examples:
-                metrics_logger.log(state.step, prefix("eval/", self.evaluate()))
-            saved = training.save_every and state.step % training.save_every == 0 and not is_last_step
-            if saved:
-                save_checkpoint(accelerator, self.run, state, training.keep_checkpoints)
-            signum = stop_requested(accelerator)
-            if signum and not is_last_step:  # preempted: this step is done; keep it, then stop
-                checkpoint = (self.run.checkpoint_dir(state.step) if saved
-                              else save_checkpoint(accelerator, self.run, state, training.keep_checkpoints))
-                progress.close()
-                raise Preempted(signum, state.step, checkpoint)
-            pause = time.perf_counter() - paused_at
-            paused_s += pause
-            window_start += pause
-        progress.close()
+                # ---- log, evaluate, checkpoint
+                if state.step % training.log_every == 0 or state.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = self.objective.summarize(*summed_over_processes(accelerator, window_sums, window_units))
+                    metrics.update(lr=lr, grad_norm=grad_norm, tokens_per_s=window_tokens * accelerator.num_processes / max(elapsed, 1e-9))
+                    state.tokens_seen += window_tokens
+                    session_tokens += window_tokens
+                    if state.step == self.total_steps:
+                        metrics.update(train_runtime_s=time.perf_counter() - train_start - paused_s,
+                                       train_tokens=session_tokens * accelerator.num_processes)
+                    metrics_logger.log(state.step, metrics, epoch=self.order.epoch_at(first + training.gradient_accumulation_steps))
+                    progress.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "tokens_per_s") if k in metrics})
+                    if on_log is not None:
+                        on_log(state.step, metrics)
+                    window_sums, window_units, window_tokens, window_start = {}, 0.0, 0, time.perf_counter()
+                is_last_step = state.step == self.total_steps
+                paused_at = time.perf_counter()  # evaluation and saving are not training: keep them out of tokens_per_s
+                if ((training.eval_every and state.step % training.eval_every == 0) or is_last_step) and self.eval_examples:
+                    metrics_logger.log(state.step, prefix("eval/", self.evaluate()))
+                saved = training.save_every and state.step % training.save_every == 0 and not is_last_step
+                if saved:
+                    save_checkpoint(accelerator, self.run, state, training.keep_checkpoints)
+                signum = stop_requested(accelerator)
+                if signum and not is_last_step:  # preempted: this step is done; keep it, then stop
+                    checkpoint = (self.run.checkpoint_dir(state.step) if saved
+                                  else save_checkpoint(accelerator, self.run, state, training.keep_checkpoints))
+                    raise Preempted(signum, state.step, checkpoint)
+                pause = time.perf_counter() - paused_at
+                paused_s += pause
+                window_start += pause
+        finally:
+            progress.close()  # on an error too: its one line must not share the bar's line
         return state
 
     @torch.no_grad()

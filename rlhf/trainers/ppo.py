@@ -332,73 +332,75 @@ class PPOTrainer:
             truncate_jsonl(samples_path, state.step if resume_from else 0)
         progress = tqdm(total=total_steps, initial=state.step, desc="ppo", disable=not accelerator.is_main_process,
                         dynamic_ncols=True)
-        logger.info("PPO: %d prompts, %d steps of %d episodes", len(self.prompt_ids), total_steps, ppo.rollout_batch_size)
+        try:
+            logger.info("PPO: %d prompts, %d steps of %d episodes", len(self.prompt_ids), total_steps, ppo.rollout_batch_size)
 
-        # This session's training time and work, logged with the last step (train_runtime_s, train_episodes,
-        # train_generated_tokens); writing samples and checkpoints is paused out.
-        train_start, paused_s, session_episodes, session_generated_tokens = time.perf_counter(), 0.0, 0, 0
-        while state.step < total_steps:
-            # A run stopped inside this step resumes with the step's rollout and its updates done so far.
-            self.update_resume = (state.extra or {}).pop("in_step", None)
-            start = time.perf_counter()
-            if self.update_resume is not None:
-                rollout = load_rollout(resume_from, accelerator.process_index)
-                rollout_s = self.update_resume["rollout_s"]
-            else:
-                # 1-3: rollout, rewards, advantages (no gradients anywhere in here)
-                prompt_indices = prompt_order.indices(state.step)
-                rollout = self.rollout([self.prompt_ids[i] for i in prompt_indices],
-                                       [self.prompt_texts[i] for i in prompt_indices], step=state.step)
-                rollout_s = time.perf_counter() - start
+            # This session's training time and work, logged with the last step (train_runtime_s, train_episodes,
+            # train_generated_tokens); writing samples and checkpoints is paused out.
+            train_start, paused_s, session_episodes, session_generated_tokens = time.perf_counter(), 0.0, 0, 0
+            while state.step < total_steps:
+                # A run stopped inside this step resumes with the step's rollout and its updates done so far.
+                self.update_resume = (state.extra or {}).pop("in_step", None)
+                start = time.perf_counter()
+                if self.update_resume is not None:
+                    rollout = load_rollout(resume_from, accelerator.process_index)
+                    rollout_s = self.update_resume["rollout_s"]
+                else:
+                    # 1-3: rollout, rewards, advantages (no gradients anywhere in here)
+                    prompt_indices = prompt_order.indices(state.step)
+                    rollout = self.rollout([self.prompt_ids[i] for i in prompt_indices],
+                                           [self.prompt_texts[i] for i in prompt_indices], step=state.step)
+                    rollout_s = time.perf_counter() - start
+                    signum = stop_requested(accelerator)
+                    if signum:  # stopped while sampling: nothing of this step is kept (its sampling is seeded by the step)
+                        raise Preempted(signum, state.step, self.boundary_checkpoint(state))
+                # 4: PPO epochs
+                start = time.perf_counter()
+                try:
+                    update_stats = self.update(rollout, step=state.step)
+                except StoppedInUpdate as stop:  # preempted between two optimizer steps of this PPO step
+                    state.extra = {"kl_coef": self.kl_coef, "in_step": {"updates_done": stop.updates_done,
+                                                                         "totals": stop.totals, "rollout_s": rollout_s}}
+                    checkpoint = save_checkpoint(accelerator, run, state, config.training.keep_checkpoints,
+                                                 updates_into_next=stop.updates_done,
+                                                 write_extra=lambda directory: save_rollout(rollout, directory,
+                                                                                            accelerator.process_index))
+                    raise Preempted(stop.signum, state.step, checkpoint) from None
+                update_s = time.perf_counter() - start
+                # 5: log, adapt β, checkpoint
+                metrics = mean_over_processes(accelerator, {**self.rollout_metrics(rollout), **update_stats})
+                episodes = rollout.scores.numel() * accelerator.num_processes
+                metrics.update(rollout_s=rollout_s, update_s=update_s, kl_coef=self.kl_coef,
+                               episodes_per_s=episodes / (rollout_s + update_s),
+                               generated_tokens_per_s=float(rollout.response_mask.sum()) * accelerator.num_processes / rollout_s,
+                               lr=self.scheduler.get_last_lr()[0])
+                if ppo.adaptive_kl:
+                    # Once per PPO step, after the update, with the batch's mean summed KL (docs/ppo.md#20); the
+                    # mean over all processes, so every rank keeps the same β (and the checkpoint's is everyone's).
+                    batch_kl = float(accelerator.reduce(torch.tensor(metrics["kl"], device=device), "mean"))
+                    self.kl_coef = adaptive_kl_coef(self.kl_coef, batch_kl, ppo.target_kl, ppo.kl_horizon, episodes)
+                state.step += 1
+                state.examples_seen += episodes
+                state.extra = {"kl_coef": self.kl_coef}
+                session_episodes += episodes
+                session_generated_tokens += int(rollout.response_mask.sum()) * accelerator.num_processes
+                if state.step == total_steps:
+                    metrics.update(train_runtime_s=time.perf_counter() - train_start - paused_s,
+                                   train_episodes=session_episodes, train_generated_tokens=session_generated_tokens)
+                progress.update(1)
+                paused_at = time.perf_counter()
+                if state.step % config.training.log_every == 0 or state.step == total_steps or state.step == 1:
+                    metrics_logger.log(state.step, metrics, epoch=prompt_order.epoch_at(state.step))
+                    self.write_samples(samples_path, rollout, state.step)
+                    progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"})
+                if config.training.save_every and state.step % config.training.save_every == 0 and state.step < total_steps:
+                    save_checkpoint(accelerator, run, state, config.training.keep_checkpoints)
                 signum = stop_requested(accelerator)
-                if signum:  # stopped while sampling: nothing of this step is kept (its sampling is seeded by the step)
+                if signum and state.step < total_steps:
                     raise Preempted(signum, state.step, self.boundary_checkpoint(state))
-            # 4: PPO epochs
-            start = time.perf_counter()
-            try:
-                update_stats = self.update(rollout, step=state.step)
-            except StoppedInUpdate as stop:  # preempted between two optimizer steps of this PPO step
-                state.extra = {"kl_coef": self.kl_coef, "in_step": {"updates_done": stop.updates_done,
-                                                                     "totals": stop.totals, "rollout_s": rollout_s}}
-                checkpoint = save_checkpoint(accelerator, run, state, config.training.keep_checkpoints,
-                                             updates_into_next=stop.updates_done,
-                                             write_extra=lambda directory: save_rollout(rollout, directory,
-                                                                                        accelerator.process_index))
-                raise Preempted(stop.signum, state.step, checkpoint) from None
-            update_s = time.perf_counter() - start
-            # 5: log, adapt β, checkpoint
-            metrics = mean_over_processes(accelerator, {**self.rollout_metrics(rollout), **update_stats})
-            episodes = rollout.scores.numel() * accelerator.num_processes
-            metrics.update(rollout_s=rollout_s, update_s=update_s, kl_coef=self.kl_coef,
-                           episodes_per_s=episodes / (rollout_s + update_s),
-                           generated_tokens_per_s=float(rollout.response_mask.sum()) * accelerator.num_processes / rollout_s,
-                           lr=self.scheduler.get_last_lr()[0])
-            if ppo.adaptive_kl:
-                # Once per PPO step, after the update, with the batch's mean summed KL (docs/ppo.md#20); the
-                # mean over all processes, so every rank keeps the same β (and the checkpoint's is everyone's).
-                batch_kl = float(accelerator.reduce(torch.tensor(metrics["kl"], device=device), "mean"))
-                self.kl_coef = adaptive_kl_coef(self.kl_coef, batch_kl, ppo.target_kl, ppo.kl_horizon, episodes)
-            state.step += 1
-            state.examples_seen += episodes
-            state.extra = {"kl_coef": self.kl_coef}
-            session_episodes += episodes
-            session_generated_tokens += int(rollout.response_mask.sum()) * accelerator.num_processes
-            if state.step == total_steps:
-                metrics.update(train_runtime_s=time.perf_counter() - train_start - paused_s,
-                               train_episodes=session_episodes, train_generated_tokens=session_generated_tokens)
-            progress.update(1)
-            paused_at = time.perf_counter()
-            if state.step % config.training.log_every == 0 or state.step == total_steps or state.step == 1:
-                metrics_logger.log(state.step, metrics, epoch=prompt_order.epoch_at(state.step))
-                self.write_samples(samples_path, rollout, state.step)
-                progress.set_postfix({"reward": f"{metrics['reward/mean']:.3f}", "kl": f"{metrics['kl']:.3f}"})
-            if config.training.save_every and state.step % config.training.save_every == 0 and state.step < total_steps:
-                save_checkpoint(accelerator, run, state, config.training.keep_checkpoints)
-            signum = stop_requested(accelerator)
-            if signum and state.step < total_steps:
-                raise Preempted(signum, state.step, self.boundary_checkpoint(state))
-            paused_s += time.perf_counter() - paused_at
-        progress.close()
+                paused_s += time.perf_counter() - paused_at
+        finally:
+            progress.close()  # on an error too: its one line must not share the bar's line
 
         save_pretrained_atomic(accelerator, self.model, self.tokenizer, run.final_dir, save_merged(config.policy),
                                submodule="policy")

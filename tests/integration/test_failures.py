@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,6 +70,8 @@ def test_ppo_refuses_a_causal_lm_as_its_reward_model_but_not_as_its_critic(token
 
 @pytest.mark.parametrize("content, expected", [
     ('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n', "line 2: not valid JSON"),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "resp\n',
+     "line 2: not valid JSON (Unterminated string starting at column 17)"),
     ('{"prompt": "a", "response": "b"}\n\n["not", "an", "object"]\n', "line 3: expected a JSON object"),
     ('{"prompt": "a", "response": "b"}\n\n{"prompt": 7, "response": "d"}\n',
      "line 3: column 'prompt' holds a number, but a string on line 1"),
@@ -143,6 +146,24 @@ def test_a_nan_loss_stops_sft_before_its_optimizer_step(tokenizer_dir, sft_files
     # The weights were not touched by the poisoned step: they are step 2's, finite.
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
+
+
+def test_the_cli_prints_the_non_finite_stop_on_a_line_of_its_own(tokenizer_dir, sft_files, tmp_path):
+    """An absurd learning rate: the loss blows up mid-run. The progress bar (carriage returns, no newline)
+    is closed first, so the one line is not glued to the end of the bar."""
+    from rlhf.config import save_config
+
+    train, evaluation = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=8, lr=1e30,
+                             warmup_ratio=0.0)
+    config_path = tmp_path / "sft.yaml"
+    save_config(config, str(config_path))
+    result = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(config_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 3, result.stderr
+    last = result.stderr.rstrip("\n").split("\n")[-1]
+    assert re.match(r"rlhf sft: step \d+: the (loss|gradient norm) is (nan|inf|-inf)", last), repr(last)
 
 def test_an_infinite_gradient_norm_stops_before_the_step(tokenizer_dir, sft_files, tmp_path):
     train, evaluation = sft_files
