@@ -23,7 +23,19 @@ from tests.integration.test_ppo import letter_a_reward, ppo_config, prompt_rows,
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def run_sft_cli(config, tmp_path) -> subprocess.CompletedProcess:
+    """``rlhf sft --config`` on ``config`` (saved to tmp_path/sft.yaml) in a subprocess, as a user runs it."""
+    from rlhf.config import save_config
+
+    config_path = tmp_path / "sft.yaml"
+    save_config(config, str(config_path))
+    return subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(config_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
 # ----------------------------------------------------------------------------- checkpoints that could run code
+
 
 class RunsCode:
     """Unpickling this calls os.system: what a malicious pytorch_model.bin can carry."""
@@ -49,6 +61,7 @@ def test_a_pickled_checkpoint_is_refused_in_one_line_naming_the_file(tokenizer_d
 
 
 # ----------------------------------------------------------------------------- a reward model must be one
+
 
 def test_ppo_refuses_a_causal_lm_as_its_reward_model_but_not_as_its_critic(tokenizer_dir, tmp_path):
     policy, tokenizer = load_causal_lm(ppo_config(tmp_path, tokenizer_dir).policy, seed=0)
@@ -78,6 +91,8 @@ def test_ppo_refuses_a_causal_lm_as_its_reward_model_but_not_as_its_critic(token
     ('{"prompt": "a", "response": null}\n{"prompt": "c", "response": ["d"]}\n',
      "line 1: column 'response' must be text, found null"),
 ])
+
+
 def test_a_bad_row_is_named_by_file_and_line(tokenizer_dir, tmp_path, content, expected):
     path = tmp_path / "rows.jsonl"
     path.write_text(content, encoding="utf-8")
@@ -87,7 +102,6 @@ def test_a_bad_row_is_named_by_file_and_line(tokenizer_dir, tmp_path, content, e
         SFTTrainer(config).train()
     assert str(path) in str(caught.value) and expected in str(caught.value), str(caught.value)
     assert "\n" not in str(caught.value)
-
 
 
 def test_a_bad_row_is_named_by_its_line_in_the_file_after_the_eval_split(tokenizer_dir, tmp_path):
@@ -101,18 +115,13 @@ def test_a_bad_row_is_named_by_its_line_in_the_file_after_the_eval_split(tokeniz
     with pytest.raises(UserError, match=r"line 17: column 'response' must be text, found int"):
         SFTTrainer(config).train()
 
+
 def test_the_terminal_gets_one_line_and_the_library_log_goes_to_run_log(tokenizer_dir, tmp_path):
     """datasets logs its own failure before raising; that line belongs in run.log, not before our error."""
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"\n', encoding="utf-8")
     config = tiny_sft_config(tokenizer_dir, str(path), None, str(tmp_path / "run"))
-    config_path = tmp_path / "sft.yaml"
-    from rlhf.config import save_config
-
-    save_config(config, str(config_path))
-    result = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(config_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    result = run_sft_cli(config, tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert all(" INFO rlhf." in line for line in lines[:-1]), result.stderr  # only rlhf's own progress before it
@@ -122,6 +131,7 @@ def test_the_terminal_gets_one_line_and_the_library_log_goes_to_run_log(tokenize
 
 
 # ----------------------------------------------------------------------------- non-finite values
+
 
 def test_a_nan_loss_stops_sft_before_its_optimizer_step(tokenizer_dir, sft_files, tmp_path):
     train, evaluation = sft_files
@@ -147,23 +157,17 @@ def test_a_nan_loss_stops_sft_before_its_optimizer_step(tokenizer_dir, sft_files
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-
 def test_the_cli_prints_the_non_finite_stop_on_a_line_of_its_own(tokenizer_dir, sft_files, tmp_path):
     """An absurd learning rate: the loss blows up mid-run. The progress bar (carriage returns, no newline)
     is closed first, so the one line is not glued to the end of the bar."""
-    from rlhf.config import save_config
-
     train, evaluation = sft_files
     config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=8, lr=1e30,
                              warmup_ratio=0.0)
-    config_path = tmp_path / "sft.yaml"
-    save_config(config, str(config_path))
-    result = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(config_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    result = run_sft_cli(config, tmp_path)
     assert result.returncode == 3, result.stderr
     last = result.stderr.rstrip("\n").split("\n")[-1]
     assert re.match(r"rlhf sft: step \d+: the (loss|gradient norm) is (nan|inf|-inf)", last), repr(last)
+
 
 def test_an_infinite_gradient_norm_stops_before_the_step(tokenizer_dir, sft_files, tmp_path):
     train, evaluation = sft_files
@@ -240,17 +244,12 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(tokeni
 
 # ----------------------------------------------------------------------------- quiet logs
 
+
 def test_checkpoints_print_no_warning_a_user_cannot_act_on(tokenizer_dir, sft_files, tmp_path):
     train, evaluation = sft_files
     config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=4, save_every=1,
                              gradient_checkpointing=True)
-    config_path = tmp_path / "sft.yaml"
-    from rlhf.config import save_config
-
-    save_config(config, str(config_path))
-    result = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(config_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    result = run_sft_cli(config, tmp_path)
     assert result.returncode == 0, result.stderr
     text_lines = [line for line in result.stderr.replace("\r", "\n").splitlines()
                   if line.strip() and not line.startswith("sft:")]  # the progress bar's redraws
