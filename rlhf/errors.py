@@ -49,6 +49,8 @@ class NonFiniteValue(RunStopped):
 
     def __init__(self, step: int, quantity: str, detail: str, run=None):
         newest = run.latest_checkpoint() if run is not None else None
+        where = (f"newest checkpoint: {newest} (lower training.lr, check the data or the reward, then resume "
+                 "from it)" if newest else "no checkpoint yet (lower training.lr, check the data or the reward, "
+                 "then start again: --resume then starts from step 0)")
         super().__init__(f"step {step}: {quantity} is {detail}; stopped before the optimizer step, so no weights "
-                         f"were changed by it; newest checkpoint: {newest or 'none'} (lower training.lr, check the "
-                         "data or the reward, then resume from it)")
+                         f"were changed by it; {where}")

@@ -74,6 +74,8 @@ class RunDirectory:
         if resume and checkpoint is None and os.path.isdir(self.final_dir) and not overwrite:
             raise UserError(f"output_dir: '{self.root}' holds a finished run (final/) and no checkpoint to resume; "
                             "choose another output_dir (or set overwrite=true)")
+        if resume and checkpoint is None and is_main:  # e.g. preempted before its first checkpoint
+            logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.root)
         if is_main:
             # A fresh start replaces the logs of an earlier attempt that never reached a checkpoint
             # (appending would repeat its steps); overwrite also removes its checkpoints and final/.

@@ -191,8 +191,10 @@ def test_a_nan_reward_or_value_stops_ppo_before_any_update(tokenizer_dir, tmp_pa
         scores[3] = float("nan")
         return scores
 
-    with pytest.raises(NonFiniteValue, match=r"^step 1: the reward is nan in 2 of 8 values"):
+    with pytest.raises(NonFiniteValue, match=r"^step 1: the reward is nan in 2 of 8 values") as caught:
         run_tiny_ppo(tmp_path / "reward", tokenizer_dir, reward_fn=nan_for_one)
+    assert str(caught.value).endswith("no checkpoint yet (lower training.lr, check the data or the reward, then "
+                                      "start again: --resume then starts from step 0)")  # not "resume from none"
 
     class NanValues(PPOTrainer):
         def episodes(self, *args, **kwargs):

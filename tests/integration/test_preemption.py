@@ -6,6 +6,7 @@ it. Every stage, in this process: the signal is raised from inside the training 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -208,3 +209,15 @@ def test_ppo_stopped_while_sampling_keeps_nothing_of_the_step(ppo_run_config, tm
     PPOTrainer(ppo_run_config("broken")).train(resume=True)
     same_files(tmp_path / "unbroken" / "final", tmp_path / "broken" / "final", AutoModelForCausalLM)
     same_metrics(tmp_path / "unbroken", tmp_path / "broken")
+
+
+def test_resume_with_no_checkpoint_yet_starts_from_step_0_and_says_so(tokenizer_dir, sft_files, tmp_path, caplog):
+    """A scheduler relaunches the same command with --resume after a preemption that came before the first
+    checkpoint: the run starts over instead of failing, and says why."""
+    train, evaluation = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=2)
+    config.logging.num_samples = 0
+    with caplog.at_level(logging.INFO, logger="rlhf"):
+        SFTTrainer(config).train(resume=True)
+    assert f"--resume: no checkpoint in {tmp_path / 'run'} yet; starting from step 0" in caplog.text
+    assert os.path.isdir(tmp_path / "run" / "final")
