@@ -17,7 +17,8 @@ from rlhf.models.heads import (ScalarHeadModel, checkpoint_architectures, has_tr
                                load_scalar_model, make_trainable, save_merged)
 
 __all__ = [
-    "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "check_packing_support", "checkpoint_architectures", "disable_dropout",
+    "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "check_packing_support",
+    "checkpoint_architectures", "disable_dropout",
     "ensure_pad_token", "has_trained_head", "kept_logits", "load_causal_lm", "load_reward_model", "load_scalar_model",
     "load_tokenizer",
     "make_trainable", "resolve_max_length", "save_merged", "use_fused_gelu",
