@@ -463,6 +463,15 @@ MEMORY_START, MEMORY_END = "<!-- memory.py -->", "<!-- /memory.py -->"
 MEMORY_TARGETS = {("ppo", "lora"): 0.35, ("sft", "lora_gc"): 0.40, ("rm", "lora_gc"): 0.40}
 
 
+def last_run_rows(path: Path, run_keys: tuple[str, ...]) -> list[dict]:
+    """The rows of a kept results file (JSON lines) that belong to its last run: those agreeing with the
+    last row on ``run_keys``, in file order; empty when the file is missing or empty."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for row in rows if all(row[key] == rows[-1][key] for key in run_keys)]
+
+
 def memory_table(rows: list[dict]) -> list[str]:
     """Markdown rows: peak RSS and throughput per stage and mode, with the share of full fine-tuning's RSS
     under the same malloc setting."""
@@ -485,13 +494,10 @@ def memory_table(rows: list[dict]) -> list[str]:
 
 def memory_section(path: Path) -> str:
     """The last run of benchmarks/memory.py (kept across `make bench` runs, between markers); empty without one."""
-    if not path.exists():
-        return ""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = last_run_rows(path, ("date",))
     if not rows:
         return ""
-    last = [row for row in rows if row["date"] == rows[-1]["date"]]
-    latest = list({(row.get("malloc"), row["stage"], row["mode"]): row for row in last}.values())  # measured twice: the last
+    latest = list({(row.get("malloc"), row["stage"], row["mode"]): row for row in rows}.values())  # measured twice: the last
     shape = rows[-1]["shape"]
     lines = ["", MEMORY_START, "## Memory at a real size: full fine-tuning, LoRA, LoRA + checkpointing (`benchmarks/memory.py`)",
              f"Measured {rows[-1]['date']} on this CPU ({rows[-1]['env'].get('cpu_capability')}, {rows[-1]['threads']} "
@@ -522,13 +528,10 @@ def update_memory_section(benchmarks_md: Path, results: Path) -> None:
 
 def gpu_section(path: Path) -> str:
     """The last GPU run of benchmarks/gpu.py (the gpt2 configs), kept across CPU runs; empty without one."""
-    if not path.exists():
-        return ""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = last_run_rows(path, ("date", "device"))
     if not rows:
         return ""
-    last_run = [row for row in rows if (row["date"], row["device"]) == (rows[-1]["date"], rows[-1]["device"])]
-    latest = {row["stage"]: row for row in last_run}  # a stage measured twice that day: its last row
+    latest = {row["stage"]: row for row in rows}  # a stage measured twice that day: its last row
     lines = ["", "## GPU: the gpt2 configs (`benchmarks/gpu.py`, not part of `make bench`)",
              f"Measured {rows[-1]['date']} on {rows[-1]['device']}, bf16 (`mixed_precision: auto`), torch "
              f"{rows[-1]['versions']['torch']}: configs/{{sft,rm,ppo}}_gpt2.yaml as shipped (batch, accumulation, "

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, collate_sft_packed, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
-from rlhf.models import adopt_model, check_packing_support, kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged
+from rlhf.models import (adopt_model, check_packing_support, kept_logits, load_causal_lm, make_trainable,
+                         resolve_max_length, save_merged)
 from rlhf.training import (SupervisedLoop, end_training, full_weights, save_pretrained_atomic, start_run, stops_gracefully,
                            write_jsonl)
 

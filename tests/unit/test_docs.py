@@ -258,15 +258,16 @@ def test_the_checks_find_what_dangles(tmp_path):
                                                "[up](../README.md), [missing](other.md).\n", encoding="utf-8")
     (tmp_path / "README.md").write_text("[page](docs/page.md#7) and [bad](docs/page.md#8)\n"
                                         "```\n[in code](nowhere.md)\n```\n", encoding="utf-8")
+    shared, notes = FOREIGN_DOCUMENTS[:2]  # named once, in the list the check reads
     (tmp_path / "code.py").write_text("# docs/page.md#7 docs/page.md#title\n# docs/page.md#8 docs/none.md\n"
-                                      "# see PPO-NOTES item 3 and ../shared/x\n"
+                                      f"# see {notes} item 3 and {shared}/x\n"
                                       "# tests/test_a.py::test_here, tests/test_a.py::test_gone, tests/test_b.py::test_x\n",
                                       encoding="utf-8")
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_a.py").write_text("def test_here():\n    pass\n", encoding="utf-8")
     texts = load_texts(str(tmp_path), ["README.md", "code.py", "docs/page.md", "tests/test_a.py"])
     index = AnchorIndex(str(tmp_path), texts)
-    assert foreign_documents(texts) == ["code.py:3: ../shared", "code.py:3: PPO-NOTES"]
+    assert foreign_documents(texts) == [f"code.py:3: {shared}", f"code.py:3: {notes}"]
     assert dangling_docs_references(texts, index) == [
         "README.md:1: docs/page.md#8", "code.py:2: docs/page.md#8", "code.py:2: docs/none.md"]
     assert dangling_markdown_links(texts, index) == [
