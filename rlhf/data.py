@@ -84,6 +84,8 @@ def load_table(path: str, split: str = "train", key: str = "data.path"):
     except KeyError as error:
         raise UserError(f"{key}: '{path}' has no split {error}") from None
     except Exception as error:  # datasets raises many types for unreadable input
+        if "corresponds to no data" in str(error):  # a file of blank lines, a CSV header alone: read, but no rows
+            raise UserError(f"{key}: '{path}' has no rows") from None
         what = "file" if looks_local else "hub dataset"
         raise UserError(f"{key}: cannot read {what} '{path}': {read_error_detail(path, error)}") from None
     if len(table) == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import datasets
 import pytest
@@ -274,6 +275,14 @@ def test_blank_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="blank.jsonl"):
         load_table(str(path))
 
+
+
+@pytest.mark.parametrize("name, content", [("blank.jsonl", "\n\n"), ("header.csv", "prompt,response\n")])
+def test_a_file_without_rows_says_so_not_the_loaders_words(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=f"^data.path: '{re.escape(str(path))}' has no rows$"):
+        load_table(str(path))
 
 def test_unknown_extension_is_a_user_error(tmp_path):
     path = tmp_path / "rows.txt"
