@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +51,9 @@ def pin_threads() -> int:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # torch.compile (training.compile) builds its kernels in this process, not in a pool of worker
+    # processes: their CPU would read as other processes' (cpu.other_cpu_frac) and flag the run.
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(name, "1")  # everything is local; never wait on the network
     return threads
@@ -191,8 +195,9 @@ def _proc_stat() -> tuple[int, int]:
 
 
 def _self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU time of this process and of the children it has waited for (torch.compile's C++ compiler runs)."""
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 class CpuMonitor:
@@ -265,6 +270,28 @@ def training_record(output_dir: Path) -> dict:
     if not records:
         raise RuntimeError(f"{output_dir / 'metrics.jsonl'} has no train_runtime_s record")
     return records[-1]
+
+
+def cold_compile_cache(scratch: Path) -> None:
+    """Point torch.compile's on-disk cache (inductor's compiled kernels) into this run's scratch directory,
+    so a run with ``training.compile`` pays its whole compilation as a user's first run does, whatever
+    earlier runs left in the machine's cache. Read by torch when it first compiles."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor-cache")
+
+
+def steady_rate(output_dir: Path, key: str) -> float | None:
+    """The median of ``key`` (a per-window rate in metrics.jsonl: tokens_per_s, episodes_per_s) over the
+    second half of the run's logged windows: the rate once compilation and other first-step costs are
+    behind it. None with fewer than two windows."""
+    values = [record[key] for record in read_jsonl(output_dir / "metrics.jsonl") if key in record]
+    if len(values) < 2:
+        return None
+    return statistics.median(values[len(values) // 2:])
+
+
+def rounded(value: float | None, digits: int, scale: float = 1.0) -> float | None:
+    """``round(value × scale, digits)``, None staying None (a rate a short run could not measure)."""
+    return None if value is None else round(value * scale, digits)
 
 
 def package_versions(*modules: str) -> dict:
@@ -363,6 +390,8 @@ def run_fields(manifest: dict, cpu: dict, threads: int, training) -> dict:
 
     return {
         "optim": "adamw_torch_fused" if uses_fused_adamw(training, "cpu") else "adamw_torch",
+        "compile": training.compile,  # the speed keys of the "best" rows (compare.py's BEST_KEYS)
+        "packing": training.packing,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "cpu": cpu,
         "threads": threads,

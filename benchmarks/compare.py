@@ -3,14 +3,16 @@
 
     python benchmarks/compare.py [--rounds 3] [--stages sft,rm,ppo] [--skip-double]
 
-Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), the TRL
+Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), ours with each
+documented speed key that is off by default (LEVERS: training.packing, training.compile), the TRL
 anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116 venv, trl_ppo.py in trl029), the
 plain-torch ceiling for that stage alone (anchors/torch_ceiling.py --stage <stage>, trl116, so its
 peak RSS is the stage's own) and ours on the 2x-length variant; anchors/peak_flops.py runs once
 first. Interleaving spreads a machine's slow phases over every implementation; medians over rounds
 are compared.
 
-Prints a table of medians, ``ours ÷ ceiling``, and as its last line
+Prints a table of medians (with ours' steady-state rate: compilation and warm-up excluded),
+``ours ÷ ceiling``, each stage's best row (the fastest of ours' rows) against the targets, and as its last line
 ``ratios: sft=X.XX rm=X.XX ppo=X.XX`` (ours ÷ TRL, medians of tokens/s, pairs/s, episodes/s).
 Writes BENCHMARKS.md at the repository root and the raw JSON lines to benchmarks/results/latest.jsonl.
 
@@ -45,6 +47,16 @@ THROUGHPUT = {"sft": ("tokens_per_s", "real tokens/s"), "rm": ("pairs_per_s", "p
               "ppo": ("episodes_per_s", "episodes/s")}
 IMPLEMENTATIONS = (("rlhf", "1x", "ours"), ("trl", "1x", "TRL"), ("ceiling", "1x", "plain-torch ceiling"),
                    ("rlhf", "2x-length", "ours, 2x-length"))
+# The documented speed keys that are off by default, each measured as a row of its own ("ours, <keys>"):
+# a stage's best row is the fastest of ours with its defaults and these, compilation time counted.
+LEVERS = {
+    "sft": {"packing": ["training.packing=true"], "compile": ["training.compile=true"]},
+    "rm": {"packing": ["training.packing=true"], "compile": ["training.compile=true"]},
+    "ppo": {"compile": ["training.compile=true"]},
+}
+# The targets for the best row, same run, same machine: ours ÷ TRL and share of the matmul peak.
+TARGETS = {"sft": (2.0, 0.70), "rm": (1.5, 0.70), "ppo": (1.5, 0.70)}
+STEADY = {"sft": "steady_tokens_per_s", "rm": "steady_pairs_per_s", "ppo": "steady_episodes_per_s"}
 CONTAMINATION_LIMIT = 0.05  # other processes' share of the CPU above which a run is flagged
 ANCHOR_VENV = {"sft": "trl116", "rm": "trl116", "ppo": "trl029"}  # TRL 0.29.1 is the last with a PPOTrainer
 ANCHOR_DIR = common.BENCH_DIR / "anchors"  # the anchor scripts, part of this repository
@@ -134,6 +146,7 @@ class Group:
     variant: str
     label: str
     throughputs: list[float] = field(default_factory=list)
+    steady: list[float] = field(default_factory=list)  # ours: the rate after compilation and warm-up
     walls: list[float] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)
     gflops: list[float] = field(default_factory=list)
@@ -179,7 +192,8 @@ def summarize(lines: list[dict], n_params: int | None = None) -> Summary:
     flagged = []
     for stage in STAGES:
         key, _ = THROUGHPUT[stage]
-        for impl, variant, label in IMPLEMENTATIONS:
+        levers = [("rlhf", lever, f"ours, {' '.join(keys)}") for lever, keys in LEVERS[stage].items()]
+        for impl, variant, label in (*IMPLEMENTATIONS[:1], *levers, *IMPLEMENTATIONS[1:]):
             runs = [line for line in lines if (line["stage"], line["impl"], line["variant"]) == (stage, impl, variant)]
             if not runs:
                 continue
@@ -187,6 +201,8 @@ def summarize(lines: list[dict], n_params: int | None = None) -> Summary:
             for line in runs:
                 result = line["result"]
                 group.throughputs.append(float(result[key]))
+                if result.get(STEADY[stage]) is not None:
+                    group.steady.append(float(result[STEADY[stage]]))
                 group.walls.append(float(result["wall_s"]))
                 if result.get("peak_rss_mb") is not None:
                     group.rss.append(float(result["peak_rss_mb"]))
@@ -208,16 +224,19 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 def format_table(summary: Summary) -> str:
     """A markdown table of medians; each run's throughput listed, a ``!`` on contaminated ones."""
-    rows = ["| stage | implementation | throughput (median) | wall s | peak RSS MB | GFLOP/s | share of peak | runs |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| stage | implementation | throughput (median) | steady state | wall s | peak RSS MB | GFLOP/s | share of peak "
+            "| runs |", "|---|---|---|---|---|---|---|---|---|"]
     for group in summary.groups:
         _, unit = THROUGHPUT[group.stage]
         gflops = median_or_none(group.gflops)
         share = (f"{100 * gflops / summary.peak_gflops:.0f} %"
                  if gflops is not None and summary.peak_gflops else "n/a")
         runs = ", ".join(f"{t:,.4g}{'!' if flag else ''}" for t, flag in zip(group.throughputs, group.flags))
-        rows.append(f"| {group.stage} | {group.label} | {fmt(group.throughput)} {unit} | {fmt(median_or_none(group.walls), 1)} "
-                    f"| {fmt(median_or_none(group.rss), 0)} | {fmt(gflops, 1)} | {share} | {runs} |")
+        label = group.label
+        steady = fmt(median_or_none(group.steady)) if group.steady else "-"
+        rows.append(f"| {group.stage} | {label} | {fmt(group.throughput)} {unit} | {steady} "
+                    f"| {fmt(median_or_none(group.walls), 1)} | {fmt(median_or_none(group.rss), 0)} | {fmt(gflops, 1)} "
+                    f"| {share} | {runs} |")
     return "\n".join(rows)
 
 
@@ -238,11 +257,42 @@ def footnotes(summary: Summary) -> list[str]:
     return notes
 
 
+def best_group(summary: Summary, stage: str) -> Group | None:
+    """The fastest of ours with the defaults and ours with each lever (medians, compilation counted)."""
+    candidates = [summary.group(stage, "rlhf", variant) for variant in ("1x", *LEVERS[stage])]
+    candidates = [group for group in candidates if group is not None and group.throughput]
+    return max(candidates, key=lambda group: group.throughput, default=None)
+
+
+def share_of_peak(summary: Summary, group: Group | None) -> float | None:
+    gflops = median_or_none(group.gflops) if group is not None else None
+    return gflops / summary.peak_gflops if gflops is not None and summary.peak_gflops else None
+
+
+def targets_line(summary: Summary) -> str:
+    """``targets (best row): sft 1.73x of 2.0x, 62 % of 70 % peak (defaults); ...``: where each stage's best
+    row stands, and which row it is."""
+    parts = []
+    for stage in STAGES:
+        group = best_group(summary, stage)
+        ratio = summary.ratio(stage, "rlhf", group.variant) if group is not None else None
+        share = share_of_peak(summary, group)
+        speed, peak = TARGETS[stage]
+        which = "" if group is None else " (defaults)" if group.variant == "1x" else f" ({group.variant})"
+        parts.append(f"{stage} {fmt(ratio)}x of {speed}x, " + ("n/a" if share is None else f"{100 * share:.0f} %")
+                     + f" of {100 * peak:.0f} % peak{which}")
+    return "targets (best row): " + "; ".join(parts)
+
+
 def ratio_lines(summary: Summary) -> list[str]:
-    """ours ÷ ceiling, ours 2x-length ÷ ours 1x, and last the ratios line (ours ÷ TRL)."""
+    """ours ÷ ceiling, ours 2x-length ÷ ours 1x, the best rows ÷ TRL against the targets, and last the
+    ratios line (ours with the defaults ÷ TRL)."""
+    best = "ratios (best row): " + " ".join(
+        f"{stage}={fmt(summary.ratio(stage, 'rlhf', group.variant) if group else None)}"
+        for stage, group in ((stage, best_group(summary, stage)) for stage in STAGES))
     return [ratio_line(summary, "ours ÷ ceiling", over="ceiling"),
             ratio_line(summary, "2x-length ÷ 1x (ours)", over="rlhf", variant="2x-length"),
-            ratio_line(summary)]
+            best, targets_line(summary), ratio_line(summary)]
 
 
 def report_text(summary: Summary) -> str:
@@ -283,11 +333,13 @@ def check_places(places: Places, stages: list[str]) -> None:
         raise SetupMissing(str(error)) from None
 
 
-def commands(places: Places, stage: str, skip_double: bool) -> list[tuple[str, str, list[str]]]:
+def commands(places: Places, stage: str, skip_double: bool,
+             skip_levers: bool = False) -> list[tuple[str, str, list[str]]]:
     """(impl, variant, argv) of one stage's runs in one round, in the order they run."""
     trl116 = str(places.venvs / "trl116" / "bin" / "python")
     ours = [places.python, str(common.REPO_ROOT / "benchmarks" / f"{stage}.py")]
-    runs = [("rlhf", "1x", ours),
+    levers = [] if skip_levers else [("rlhf", lever, [*ours, *keys]) for lever, keys in LEVERS[stage].items()]
+    runs = [("rlhf", "1x", ours), *levers,
             ("trl", "1x", [str(places.venvs / ANCHOR_VENV[stage] / "bin" / "python"), str(ANCHOR_DIR / f"trl_{stage}.py")]),
             ("ceiling", "1x", [trl116, str(ANCHOR_DIR / "torch_ceiling.py"), "--stage", stage])]
     if not skip_double:
@@ -319,28 +371,29 @@ def headline(stage: str, result: dict) -> str:
 
 
 def run_plan(places: Places, stages: list[str], rounds: int, skip_double: bool,
-             double_rounds: int | None = None) -> list[tuple[int, str, str, str, list[str]]]:
+             double_rounds: int | None = None, skip_levers: bool = False) -> list[tuple[int, str, str, str, list[str]]]:
     """(round, stage, impl, variant, argv) of every run, in order: peak_flops.py once (round 0),
     then ``rounds`` rounds of every stage's runs.
 
     The 2x-length runs (a scaling row, the slowest runs) take part in the first ``double_rounds``
-    rounds only (None: all).
+    rounds only (None: all). ``skip_levers`` leaves out ours with each lever (LEVERS).
     """
     plan = [(0, "peak", "peak", "1x", [str(places.venvs / "trl116" / "bin" / "python"),
                                          str(ANCHOR_DIR / "peak_flops.py")])]
     for round_index in range(1, rounds + 1):
         for stage in stages:
             no_double = skip_double or (double_rounds is not None and round_index > double_rounds)
-            plan += [(round_index, stage, impl, variant, argv) for impl, variant, argv in commands(places, stage, no_double)]
+            plan += [(round_index, stage, impl, variant, argv)
+                     for impl, variant, argv in commands(places, stage, no_double, skip_levers)]
     return plan
 
 
 def run_all(places: Places, stages: list[str], rounds: int, skip_double: bool, results_path: Path,
-            double_rounds: int | None = None) -> list[dict]:
+            double_rounds: int | None = None, skip_levers: bool = False) -> list[dict]:
     """Every run of ``run_plan``, one after another; each result line saved as it comes."""
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text("")
-    plan = run_plan(places, stages, rounds, skip_double, double_rounds)
+    plan = run_plan(places, stages, rounds, skip_double, double_rounds, skip_levers)
     lines = []
     for index, (round_index, stage, impl, variant, argv) in enumerate(plan, 1):
         started = time.perf_counter()
@@ -391,7 +444,7 @@ Written by `benchmarks/compare.py` (`make bench`); overwritten by each run. Raw 
 
 - date: {started:%Y-%m-%d %H:%M} (local time)
 - machine: {cpu_model()}, {os.cpu_count()} cores; {threads} torch threads per run (BENCH_THREADS), fp32
-- rounds: {rounds}, interleaved (ours, TRL, ceiling, ours 2x-length per stage and round); stages: {", ".join(stages)}
+- rounds: {rounds}, interleaved (ours, ours with each speed key, TRL, ceiling, ours 2x-length per stage and round); stages: {", ".join(stages)}
 - runs with other processes above {CONTAMINATION_LIMIT:.0%} of the CPU (flagged `!`): {flagged}
 
 {format_table(summary)}
@@ -562,6 +615,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are over them)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of sft,rm,ppo")
     parser.add_argument("--skip-double", action="store_true", help="leave out the 2x-length runs of ours")
+    parser.add_argument("--skip-levers", action="store_true",
+                        help="leave out ours with each speed key (training.packing, training.compile)")
     parser.add_argument("--double-rounds", type=int, default=1,
                         help="run the 2x-length rows in the first N rounds only (default 1: a scaling row, the slowest runs)")
     args = parser.parse_args(argv)
@@ -581,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         places = locate()
         check_places(places, args.stages)
         lines = run_all(places, args.stages, args.rounds, args.skip_double,
-                        common.REPO_ROOT / "benchmarks" / "results" / "latest.jsonl", args.double_rounds)
+                        common.REPO_ROOT / "benchmarks" / "results" / "latest.jsonl", args.double_rounds,
+                        args.skip_levers)
     except BenchError as error:
         print(error, file=sys.stderr)
         return 2 if isinstance(error, SetupMissing) else 1

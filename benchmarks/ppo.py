@@ -58,6 +58,7 @@ def main() -> None:
     common.setup_logging()
     torch.set_num_threads(THREADS)
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-ppo-"))
+    common.cold_compile_cache(scratch)
     try:
         data_path = common.workload_data(root, scratch, "ppo.jsonl", ("prompt",), args.double)
         started = time.perf_counter()
@@ -93,6 +94,8 @@ def main() -> None:
             "steps": record["step"],
             "episodes": episodes,
             "episodes_per_s": round(episodes / runtime, 3),
+            # compilation and warm-up excluded: the later steps (common.steady_rate)
+            "steady_episodes_per_s": common.rounded(common.steady_rate(output_dir, "episodes_per_s"), 3),
             "prompt_tokens_per_episode": round(sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids), 2),
             "new_tokens_per_episode": max_new_tokens,
             "generated_tokens": generated,  # up to and including the first EOS

@@ -36,6 +36,7 @@ def main() -> None:
     common.setup_logging()
     torch.set_num_threads(THREADS)
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-rm-"))
+    common.cold_compile_cache(scratch)
     try:
         data_path = common.workload_data(root, scratch, "pref.jsonl", ("prompt", "chosen", "rejected"), args.double)
         output_dir = scratch / "run"
@@ -65,6 +66,8 @@ def main() -> None:
             "pairs_per_s": round(pairs / runtime, 3),
             # What the model really processed: with prefix sharing each prompt once, not once per response
             "tokens_per_s": round(tokens / runtime, 2),
+            # compilation and warm-up excluded (common.steady_rate), pairs at the run's tokens per pair
+            "steady_pairs_per_s": common.rounded(common.steady_rate(output_dir, "tokens_per_s"), 3, pairs / tokens),
             "tokens_per_pair": round(tokens / pairs, 1),
             "prefix_sharing": config.prefix_sharing,
             "group_by_length": config.training.group_by_length,

@@ -36,6 +36,7 @@ def main() -> None:
     common.setup_logging()
     torch.set_num_threads(THREADS)
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-sft-"))
+    common.cold_compile_cache(scratch)
     try:
         data_path = common.workload_data(root, scratch, "sft.jsonl", ("prompt", "completion"), args.double)
         output_dir = scratch / "run"
@@ -61,6 +62,8 @@ def main() -> None:
             "steps": record["step"],
             "nonpad_tokens": tokens,
             "tokens_per_s": round(tokens / runtime, 2),
+            # compilation and warm-up excluded: the later logged windows (common.steady_rate)
+            "steady_tokens_per_s": common.rounded(common.steady_rate(output_dir, "tokens_per_s"), 2),
             "final_loss": round(record["loss"], 4),
             "max_length": config.data.max_length,
             "group_by_length": config.training.group_by_length,

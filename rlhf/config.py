@@ -127,11 +127,13 @@ class TrainingConfig:
         "SFT and RM: batch examples of similar length (each epoch's shuffled order is cut into windows of 50 "
         "batches, each sorted by length) so less compute goes to padding; changes which examples share a batch"))
     packing: bool = param(False, help=(
-        "SFT: put each micro-batch's examples into as few rows of at most data.max_length tokens as they fit "
-        "(position ids restart at each example; no token attends across examples) instead of padding every row "
+        "SFT and RM: put each micro-batch's examples into as few rows of at most data.max_length tokens as they fit "
+        "(SFT: position ids restart at each example; no token attends across examples) instead of padding every row "
         "to the longest: the same loss and gradients up to float rounding, less compute on padding. Needs a "
         "model whose attention reads packed position ids (transformers' own architectures; checked when "
-        "training starts). The reward model and PPO pad their batches"))
+        "training starts). RM: an example is its prompt (once with prefix_sharing) and its responses, each response "
+        "seeing only the prompt and itself through a 4D attention mask the model must apply (also checked). PPO pads "
+        "its batches"))
     eval_batch_size: int | None = param(None, help="examples per device when evaluating (default: batch_size)", min=1)
     lr: float = param(5e-5, help="peak learning rate", min=0.0)
     weight_decay: float = param(0.0, help="AdamW decoupled weight decay", min=0.0)
@@ -142,6 +144,13 @@ class TrainingConfig:
         "recompute each transformer block's activations in the backward pass instead of keeping them (torch's "
         "non-reentrant checkpointing): much less activation memory for about a third more compute; the same "
         "gradients. PPO: the trained models only"))
+    compile: bool = param(False, help=(
+        "compile each transformer block of the trained models (and PPO's frozen ones) with torch.compile "
+        "(inductor; regional compilation): fused elementwise kernels, the same loss up to float rounding. "
+        "Compilation costs seconds to minutes on the first steps and on each new shape family, so it pays on "
+        "long runs and on GPUs; measured on a 2-core CPU it did not (docs/benchmark.md). CPU needs a C++ compiler"))
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = param(
+        "default", help="torch.compile mode with training.compile (reduce-overhead: CUDA graphs, GPU only)")
     fused_optimizer: bool = param(True, help=(
         "use torch's fused AdamW kernel where the device has one (CPU, CUDA): the same update up to float rounding, "
         "several times faster on CPU; false: torch's default AdamW"))
@@ -285,12 +294,11 @@ class RewardConfig:
                             "data.eval_fraction > 0, or use normalization.set=train")
         if self.normalization.scale and norm_set == "none":
             problems.append("normalization.scale: true needs a normalization.set other than none")
-        if self.training.packing:
-            problems.append("training.packing: SFT only; the reward model pads its batches (set it to false)")
-        if self.prefix_sharing and self.training.gradient_checkpointing:
+        if self.prefix_sharing and self.training.gradient_checkpointing and not self.training.packing:
+            # Packed, a prompt and its responses run as one segment under a mask: no cache to keep.
             problems.append("prefix_sharing: the responses attend to their prompt's key/value cache, which "
-                            "gradient checkpointing does not keep; set prefix_sharing=false to use "
-                            "training.gradient_checkpointing")
+                            "gradient checkpointing does not keep; set prefix_sharing=false or "
+                            "training.packing=true to use training.gradient_checkpointing")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -573,7 +581,13 @@ class PPOHyperparameters:
     """The algorithm's knobs (defaults: docs/ppo.md#defaults, after N+/TRL)."""
 
     rollout_batch_size: int = param(64, help="episodes sampled per PPO step", min=1)
-    forward_batch_size: int = param(16, help="episodes per generation / scoring forward (memory knob only)", min=1)
+    forward_batch_size: int = param(16, help=(
+        "episodes per scoring forward (policy, reference, critic, reward) and, unless generation_batch_size says "
+        "otherwise, per generation: the memory knob, no effect on the result"), min=1)
+    generation_batch_size: int | None = param(None, help=(
+        "episodes decoded together (null: forward_batch_size). Decoding is bound by reading the weights once per "
+        "token, so the whole rollout at once (= rollout_batch_size) is fastest where its key/value cache fits"),
+        min=1)
     num_ppo_epochs: int = param(4, help="passes over each rollout batch", min=1)
     num_minibatches: int = param(1, help="minibatches (optimizer steps) per epoch", min=1)
     gamma: float = param(1.0, help="discount", min=0.0, max=1.0)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 
 from rlhf.data import pad_left
+from rlhf.models.backbone import eager_blocks
 
 
 @torch.no_grad()
@@ -25,10 +27,11 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
         chunk = prompt_ids[start:start + batch_size]
         input_ids = pad_left(chunk, tokenizer.pad_token_id).to(device)
         attention_mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, temperature=temperature if do_sample else None,
-                                top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with eager_blocks():
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                    do_sample=do_sample, temperature=temperature if do_sample else None,
+                                    top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for row in output[:, input_ids.shape[1]:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[:row.index(tokenizer.eos_token_id)]
@@ -61,7 +64,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 @torch.no_grad()
 def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                          temperature: float, top_k: int, top_p: float, eos_token_id: int, pad_token_id: int,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: torch.Generator | None = None,
+                         compile_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample responses with a KV cache, returning the tokens and their logprobs under log softmax(z/τ).
 
     Rows stop at their first EOS (later tokens are ``pad_token_id``); the loop ends when every
@@ -72,6 +76,10 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     Args:
         prompt_ids: (batch, prompt_len) left-padded prompts.
         prompt_mask: (batch, prompt_len), 1 on real prompt tokens.
+        compile_mode: run the one-token decode step through ``torch.compile`` in this mode ("default",
+            "reduce-overhead", ...; None: eager). With a static cache its shapes stay fixed for the whole
+            response, so it compiles once per batch shape (and "reduce-overhead" on a GPU replays one
+            CUDA graph per token). The tokens equal the eager ones up to float rounding.
     Returns:
         response_ids (batch, response_len) and logprobs (batch, response_len), response_len ≤ max_new_tokens.
     """
@@ -80,21 +88,33 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
     forward_parameters = inspect.signature(model.forward).parameters
     cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
-    attention_mask = prompt_mask.clone()
-    positions = exclusive_cumsum_positions(attention_mask)
-    # Only the last prompt position's logits are read: skip the vocabulary projection of the others.
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+    batch_size, prompt_len = prompt_ids.shape
     # A key/value cache allocated once for the whole response: no torch.cat of every layer's cache per token.
     # Only with the cache API this was tested on (the `cache` argument): older releases need cache
     # positions passed by hand for a static cache.
-    cache = preallocated_cache(model, prompt_ids.shape[1] + max_new_tokens) if cache_argument == "cache" else None
-    output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                   **keep_last, **({cache_argument: cache} if cache is not None else {}))
+    cache = preallocated_cache(model, prompt_len + max_new_tokens) if cache_argument == "cache" else None
+    if cache is not None:
+        # With a static cache the mask is allocated at full length too (future columns 0), so every
+        # decode step sees the same shapes: nothing to re-trace for a compiled step.
+        attention_mask = prompt_mask.new_zeros(batch_size, prompt_len + max_new_tokens)
+        attention_mask[:, :prompt_len] = prompt_mask
+    else:
+        attention_mask = prompt_mask.clone()
+    positions = exclusive_cumsum_positions(prompt_mask)
+    # Only the last prompt position's logits are read: skip the vocabulary projection of the others.
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+    with eager_blocks():  # compiled blocks would re-trace per layer on a cache (see eager_blocks)
+        output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                       **keep_last, **({cache_argument: cache} if cache is not None else {}))
     cache, next_logits = output[cache_argument], output.logits[:, -1]
-    next_position = attention_mask.sum(-1, keepdim=True)
-    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    compiled = compile_mode is not None
+    step = decode_step
+    if compiled:
+        step = torch.compile(decode_step, **({} if compile_mode == "default" else {"mode": compile_mode}))
+    next_position = prompt_mask.sum(-1, keepdim=True)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs = [], []
-    for _ in range(max_new_tokens):
+    for index in range(max_new_tokens):
         scaled = next_logits.float() / temperature
         probabilities = filter_logits(scaled, top_k, top_p).softmax(-1)
         token = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
@@ -103,14 +123,24 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         tokens.append(token)
         logprobs.append(token_logprob)
         finished |= token == eos_token_id
-        if bool(finished.all()):
+        if bool(finished.all()) or index == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        output = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                       use_cache=True, **{cache_argument: cache})
-        cache, next_logits = output[cache_argument], output.logits[:, -1]
+        if attention_mask.shape[1] > prompt_len + index:  # static: fill the column
+            attention_mask[:, prompt_len + index] = 1
+        else:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        with contextlib.nullcontext() if compiled else eager_blocks():
+            next_logits, cache = step(model, token.unsqueeze(1), attention_mask, next_position, cache, cache_argument)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def decode_step(model, token: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
+                cache_argument: str):
+    """One token per row through the model on its KV cache: (next-token logits (batch, vocab), the cache)."""
+    output = model(input_ids=token, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                   **{cache_argument: cache})
+    return output.logits[:, -1], output[cache_argument]
 
 
 def preallocated_cache(model, max_length: int):

@@ -1,4 +1,4 @@
-"""Preference data for the reward model: comparisons -> one example per prompt -> padded batches.
+"""Preference data for the reward model: comparisons -> one example per prompt -> padded (or packed) batches.
 
 Formats (``data.format``, or ``auto`` from the columns present; other names map through
 ``data.columns``):
@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.data import check_text, load_table, pad_left, pad_right, quote, rename_columns, require_columns, row_location
+from rlhf.data import (check_text, load_table, pack_rows, pad_left, pad_right, quote, rename_columns, require_columns,
+                       row_location)
 from rlhf.errors import UserError
 from rlhf.functional import ranking_to_pairs
 
@@ -390,10 +391,8 @@ def collate_preferences(examples: list[dict], pad_token_id: int, share_prompt: b
     """
     # An empty prompt (no BOS, empty text) has nothing to share and no cache to attend to.
     share_prompt = share_prompt and all(example["prompt_length"] > 0 for example in examples)
-    sequences, chosen_index, rejected_index, group_ids, margins, pairs_per_prompt = [], [], [], [], [], []
-    prompts, prefix_index = [], []
+    sequences, prompts, prefix_index = [], [], []
     for prompt_index, example in enumerate(examples):
-        offset = len(sequences)
         if share_prompt:
             prompt_length = example["prompt_length"]
             prompts.append(example["sequences"][0][:prompt_length])
@@ -401,23 +400,106 @@ def collate_preferences(examples: list[dict], pad_token_id: int, share_prompt: b
             prefix_index.extend([prompt_index] * len(example["sequences"]))
         else:
             sequences.extend(example["sequences"])
+    batch = pair_tensors(examples)
+    batch |= {"input_ids": pad_right(sequences, pad_token_id),
+              "attention_mask": pad_right([[1] * len(s) for s in sequences], 0)}
+    if share_prompt:
+        batch["prefix_ids"] = pad_left(prompts, pad_token_id)
+        batch["prefix_mask"] = pad_left([[1] * len(p) for p in prompts], 0)
+        batch["prefix_index"] = torch.tensor(prefix_index, dtype=torch.long)
+    return batch
+
+
+def pair_tensors(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The pairs of a batch whose responses are numbered example after example, each example's in order:
+    ``pairs_per_prompt`` (first key, so the loop counts prompts as examples), ``chosen_index``,
+    ``rejected_index``, ``group_ids``, ``margins`` (see ``collate_preferences``)."""
+    chosen_index, rejected_index, group_ids, margins, pairs_per_prompt = [], [], [], [], []
+    offset = 0
+    for prompt_index, example in enumerate(examples):
         for (better, worse), margin in zip(example["pairs"], example["margins"]):
             chosen_index.append(offset + better)
             rejected_index.append(offset + worse)
             group_ids.append(prompt_index)
             margins.append(margin)
         pairs_per_prompt.append(len(example["pairs"]))
-    batch = {
+        offset += len(example["sequences"])
+    return {
         "pairs_per_prompt": torch.tensor(pairs_per_prompt, dtype=torch.long),
-        "input_ids": pad_right(sequences, pad_token_id),
-        "attention_mask": pad_right([[1] * len(s) for s in sequences], 0),
         "chosen_index": torch.tensor(chosen_index, dtype=torch.long),
         "rejected_index": torch.tensor(rejected_index, dtype=torch.long),
         "group_ids": torch.tensor(group_ids, dtype=torch.long),
         "margins": torch.tensor(margins, dtype=torch.float32),
     }
-    if share_prompt:
-        batch["prefix_ids"] = pad_left(prompts, pad_token_id)
-        batch["prefix_mask"] = pad_left([[1] * len(p) for p in prompts], 0)
-        batch["prefix_index"] = torch.tensor(prefix_index, dtype=torch.long)
+
+
+def collate_preferences_packed(examples: list[dict], pad_token_id: int, capacity: int,
+                               share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """The batch of ``collate_preferences``, padding-free (``training.packing``): each example is one
+    *segment* of a packed row.
+
+    A segment is the example's prompt once followed by each response's own tokens (``share_prompt``), or
+    each full sequence (prompt + response + EOS) one after another. A token attends to the earlier tokens
+    of its own response and, with ``share_prompt``, to the prompt: a tree that gives each response the
+    context of its unshared sequence, whose positions it also keeps (a response's continue from the
+    prompt length), so the rewards equal the padded batch's up to float rounding. Segments are packed
+    first-fit decreasing into as few rows of at most ``max(capacity, longest segment)`` tokens as they
+    fit (a segment is never split), and the rows are right-padded to the longest; padding attends only
+    to padding (a query that attends to nothing would give NaN).
+
+    Returns:
+        pairs_per_prompt, chosen_index, rejected_index, group_ids, margins: as ``collate_preferences``
+            (the responses keep its order, so the indices mean the same).
+        input_ids, position_ids: (rows, row_len).
+        attention_mask: (rows, row_len), 1 on real tokens: for counting them, not given to the model.
+        segment_mask: (rows, 1, row_len, row_len) bool, True where the query (dim 2) attends to the key (dim 3).
+        reward_rows, reward_columns: (num_responses,) where each response's last token (its EOS) sits.
+    """
+    segments = []  # per example: token ids, positions, branches (0: the shared prompt), each response's last column
+    for example in examples:
+        prompt_length = example["prompt_length"] if share_prompt else 0
+        ids, positions = list(example["sequences"][0][:prompt_length]), list(range(prompt_length))
+        branches, ends = [0] * prompt_length, []
+        for branch, sequence in enumerate(example["sequences"], start=1):
+            ids += sequence[prompt_length:]
+            positions += range(prompt_length, len(sequence))
+            branches += [branch] * (len(sequence) - prompt_length)
+            ends.append(len(ids) - 1)
+        segments.append((ids, positions, branches, ends))
+    lengths = [len(segment[0]) for segment in segments]
+    rows = pack_rows(lengths, max(capacity, *lengths))
+    starts = {}  # example -> (row, first column)
+    row_ids, row_positions, row_segment_ids, row_branches = [], [], [], []
+    for row_index, row in enumerate(rows):
+        ids, positions, segment_ids, branches = [], [], [], []
+        for index in row:
+            starts[index] = (row_index, len(ids))
+            ids += segments[index][0]
+            positions += segments[index][1]
+            segment_ids += [index] * lengths[index]
+            branches += segments[index][2]
+        row_ids.append(ids)
+        row_positions.append(positions)
+        row_segment_ids.append(segment_ids)
+        row_branches.append(branches)
+    segment_ids, branches = pad_right(row_segment_ids, -1), pad_right(row_branches, 0)
+    query_segment, key_segment = segment_ids.unsqueeze(2), segment_ids.unsqueeze(1)
+    query_branch, key_branch = branches.unsqueeze(2), branches.unsqueeze(1)
+    column = torch.arange(segment_ids.shape[1])
+    causal = column.unsqueeze(0) <= column.unsqueeze(1)  # [query, key]: the key is not after the query
+    segment_mask = (query_segment == key_segment) & causal & ((key_branch == 0) | (key_branch == query_branch))
+    reward_rows, reward_columns = [], []
+    for index, segment in enumerate(segments):
+        row_index, start = starts[index]
+        reward_rows += [row_index] * len(segment[3])
+        reward_columns += [start + end for end in segment[3]]
+    batch = pair_tensors(examples)
+    batch |= {
+        "input_ids": pad_right(row_ids, pad_token_id),
+        "position_ids": pad_right(row_positions, 0),
+        "attention_mask": pad_right([[1] * len(ids) for ids in row_ids], 0),
+        "segment_mask": segment_mask.unsqueeze(1),
+        "reward_rows": torch.tensor(reward_rows, dtype=torch.long),
+        "reward_columns": torch.tensor(reward_columns, dtype=torch.long),
+    }
     return batch

@@ -5,21 +5,24 @@ from rlhf.models.backbone import (
     PAD_TOKEN,
     build_fresh_gpt2,
     check_packing_support,
+    compile_blocks,
     disable_dropout,
     ensure_pad_token,
     kept_logits,
     load_causal_lm,
     load_tokenizer,
     resolve_max_length,
+    transformer_blocks,
     use_fused_gelu,
 )
-from rlhf.models.heads import (ScalarHeadModel, checkpoint_architectures, has_trained_head, load_reward_model,
-                               load_scalar_model, make_trainable, save_merged)
+from rlhf.models.heads import (ScalarHeadModel, check_segment_mask_support, checkpoint_architectures, has_trained_head,
+                               load_reward_model, load_scalar_model, make_trainable, save_merged)
 
 __all__ = [
     "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "check_packing_support",
-    "checkpoint_architectures", "disable_dropout",
+    "check_segment_mask_support",
+    "checkpoint_architectures", "compile_blocks", "disable_dropout",
     "ensure_pad_token", "has_trained_head", "kept_logits", "load_causal_lm", "load_reward_model", "load_scalar_model",
     "load_tokenizer",
-    "make_trainable", "resolve_max_length", "save_merged", "use_fused_gelu",
+    "make_trainable", "resolve_max_length", "save_merged", "transformer_blocks", "use_fused_gelu",
 ]

@@ -7,6 +7,7 @@ value models are the same backbone with a scalar head (``rlhf.models.heads``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -162,6 +163,50 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of ``model``: the members of each outermost ``ModuleList`` of two or more
+    modules of one class (GPT-2's ``transformer.h``, GPT-NeoX's ``gpt_neox.layers``, ...)."""
+    blocks, lists = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") for outer in lists):
+            continue  # a list inside a block already found is compiled with it
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            lists.append(name)
+            blocks.extend(module)
+    return blocks
+
+
+def compile_blocks(model: torch.nn.Module, mode: str = "default") -> int:
+    """Compile each transformer block of ``model`` in place with ``torch.compile`` (``training.compile``).
+
+    Regional compilation, as PyTorch recommends for transformers: the blocks share one compiled graph
+    (per grad mode and shape family), so compiling costs about one block's worth rather than the whole
+    model's, and the code between blocks (masks, caches, position ids, our heads) stays eager and free
+    to vary. ``Module.compile`` keeps the module tree and parameter names as they are, so checkpoints,
+    LoRA adapters and DDP see the same model. Returns the number of blocks compiled; a model without
+    repeated blocks is compiled whole (returns 0).
+    """
+    options = {} if mode == "default" else {"mode": mode}
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile(**options)
+    if not blocks:
+        model.compile(**options)
+    return len(blocks)
+
+
+def eager_blocks():
+    """A context in which blocks compiled by ``compile_blocks`` run eagerly: for forwards on a KV cache.
+
+    A block that reads a cache is specialised on its layer index (the cache is indexed by it), so
+    each layer would compile graphs of its own until torch's recompile limit sends the rest back to
+    eager anyway. The training forwards, which carry no cache, stay compiled; the sampler's decode
+    step is compiled whole instead (``rlhf.generation.sample_with_logprobs``'s ``compile_mode``).
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def build_fresh_gpt2(architecture: ArchitectureConfig, tokenizer) -> GPT2LMHeadModel:

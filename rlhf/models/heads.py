@@ -7,6 +7,10 @@ ourselves to pass position ids and to read the head at every token:
 - reward: the head read at the last non-padding token of prompt+response (the EOS);
 - value:  the head read at every token (the critic of PPO).
 
+Packed batches (``training.packing`` for the reward model) come with a 4D attention mask that keeps
+the examples of a row apart (``rlhf.preference.collate_preferences_packed``); a model must apply it,
+which ``check_segment_mask_support`` checks before training.
+
 Reward normalisation (mean 0 on a reference set, optionally std 1) lives in the saved config as
 ``rlhf_reward_mean`` / ``rlhf_reward_std`` and is applied by ``score``.
 """
@@ -21,12 +25,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
 
-from rlhf.config import ModelConfig
+from rlhf.config import LoraConfig, ModelConfig, TrainingConfig
 from rlhf.errors import UserError
 from rlhf.functional import exclusive_cumsum_positions, last_valid_index
-from rlhf.config import LoraConfig
-from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, enable_gradient_checkpointing, ensure_pad_token,
-                                  from_pretrained_or_error)
+from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, compile_blocks, eager_blocks,
+                                  enable_gradient_checkpointing, ensure_pad_token, from_pretrained_or_error)
 from rlhf.models.lora import apply_lora, has_lora, save_hf_model
 
 
@@ -50,12 +53,15 @@ class ScalarHeadModel(nn.Module):
         return self.model.score
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor | None = None,
-                prefix_mask: torch.Tensor | None = None, prefix_index: torch.Tensor | None = None) -> torch.Tensor:
+                prefix_mask: torch.Tensor | None = None, prefix_index: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Head output at every position, fp32, unnormalised.
 
         Args:
             input_ids: (batch, seq_len); pad positions may hold any id.
-            attention_mask: (batch, seq_len), 1 on real tokens; left, right or mixed padding.
+            attention_mask: (batch, seq_len), 1 on real tokens; left, right or mixed padding. Or, for a
+                packed batch, (rows, 1, seq_len, seq_len) bool, True where a query attends to a key,
+                with ``position_ids`` (rows, seq_len): see ``forward_packed``.
             prefix_ids, prefix_mask, prefix_index: shared prefixes (prefix sharing). Row ``i`` of
                 ``input_ids`` then continues prefix ``prefix_index[i]`` (a right-padded continuation;
                 prefixes may be left-padded). Each prefix runs through the trunk once and its
@@ -66,6 +72,8 @@ class ScalarHeadModel(nn.Module):
         """
         if prefix_ids is not None:
             return self.forward_continuations(input_ids, attention_mask, prefix_ids, prefix_mask, prefix_index)
+        if attention_mask.dim() == 4:
+            return self.forward_packed(input_ids, attention_mask, position_ids)
         # Positions are the exclusive cumsum of the mask, so a token's position (and its output)
         # does not depend on how much padding sits to its left (docs/ppo.md#11, docs/ppo.md#41).
         position_ids = exclusive_cumsum_positions(attention_mask)
@@ -76,19 +84,31 @@ class ScalarHeadModel(nn.Module):
     def forward_continuations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
                               prefix_mask: torch.Tensor, prefix_index: torch.Tensor) -> torch.Tensor:
         """The head over continuations of shared prefixes (see ``forward``); gradients reach the prefixes too."""
-        trunk = self.model.base_model
-        prefix_out = trunk(input_ids=prefix_ids, attention_mask=prefix_mask,
-                           position_ids=exclusive_cumsum_positions(prefix_mask), use_cache=True)
-        # transformers >= 5.2x names the KV cache `cache`; older releases `past_key_values`.
-        cache_argument = "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
-        cache = prefix_out[cache_argument]
-        # One cache row per continuation: an index_select, differentiable, on every layer's keys and values.
-        cache.reorder_cache(prefix_index)
-        prefix_lengths = prefix_mask.sum(dim=1)[prefix_index]
-        position_ids = prefix_lengths.unsqueeze(1) + exclusive_cumsum_positions(attention_mask)
-        full_mask = torch.cat([prefix_mask[prefix_index], attention_mask], dim=1)
-        hidden = trunk(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                       use_cache=True, **{cache_argument: cache}).last_hidden_state
+        with eager_blocks():  # compiled blocks would re-trace per layer on a cache (eager_blocks)
+            trunk = self.model.base_model
+            prefix_out = trunk(input_ids=prefix_ids, attention_mask=prefix_mask,
+                               position_ids=exclusive_cumsum_positions(prefix_mask), use_cache=True)
+            # transformers >= 5.2x names the KV cache `cache`; older releases `past_key_values`.
+            cache_argument = ("cache" if "cache" in inspect.signature(trunk.forward).parameters
+                              else "past_key_values")
+            cache = prefix_out[cache_argument]
+            # One cache row per continuation: an index_select, differentiable, on every layer's keys and values
+            cache.reorder_cache(prefix_index)
+            prefix_lengths = prefix_mask.sum(dim=1)[prefix_index]
+            position_ids = prefix_lengths.unsqueeze(1) + exclusive_cumsum_positions(attention_mask)
+            full_mask = torch.cat([prefix_mask[prefix_index], attention_mask], dim=1)
+            hidden = trunk(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                           use_cache=True, **{cache_argument: cache}).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def forward_packed(self, input_ids: torch.Tensor, segment_mask: torch.Tensor,
+                       position_ids: torch.Tensor) -> torch.Tensor:
+        """The head over packed rows (``collate_preferences_packed``): (rows, seq_len) scalars.
+
+        ``segment_mask`` (rows, 1, seq_len, seq_len) bool says which keys each query sees: the trunk
+        takes it as the attention mask as it is, so only that mask keeps the examples of a row apart.
+        """
+        hidden = packed_hidden_states(self.model.base_model, input_ids, segment_mask, position_ids)
         return self.head(hidden).squeeze(-1).float()
 
     def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -143,6 +163,65 @@ class ScalarHeadModel(nn.Module):
         save_hf_model(self.model, directory, state_dict, save_merged)
 
 
+def packed_hidden_states(trunk: PreTrainedModel, input_ids: torch.Tensor, segment_mask: torch.Tensor,
+                         position_ids: torch.Tensor) -> torch.Tensor:
+    """The trunk's last hidden states under a 4D boolean attention mask (True: attend).
+
+    transformers passes a 4D mask to the attention as it is (``masking_utils``): SDPA reads a boolean
+    one, but eager attention adds the mask to the scores, so it gets 0 / the dtype's minimum instead.
+    """
+    mask = segment_mask
+    if getattr(trunk.config, "_attn_implementation", None) == "eager":
+        dtype = trunk.get_input_embeddings().weight.dtype
+        mask = torch.zeros(segment_mask.shape, dtype=dtype, device=segment_mask.device).masked_fill(
+            ~segment_mask, torch.finfo(dtype).min)
+    return trunk(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def check_segment_mask_support(model: ScalarHeadModel) -> None:
+    """Raise ``UserError`` unless ``model`` keeps the examples of a packed reward batch apart
+    (``training.packing``).
+
+    Two short random examples packed in one row (``collate_preferences_packed``), the first with a
+    prompt shared by its two responses, the second without one (two whole sequences), must give the
+    hidden states at each response's last token that the full sequences give run one by one. A model
+    whose attention drops or rebuilds a 4D mask (flash attention, remote code) would let responses
+    attend to each other and to the other example, and train on a silently different objective.
+    """
+    from rlhf.preference import collate_preferences_packed  # preference builds on rlhf.data, not on models
+
+    trunk = model.model.base_model
+    vocab = trunk.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    prompt, *responses = (torch.randint(vocab, (length,), generator=generator).tolist() for length in (3, 2, 3, 4))
+    examples = [{"sequences": [prompt + responses[0], prompt + responses[1]], "prompt_length": 3},
+                {"sequences": [responses[2], responses[0] + responses[2]], "prompt_length": 0}]
+    for example in examples:
+        example |= {"pairs": [[0, 1]], "margins": [0.0]}
+    packed_batch = collate_preferences_packed(examples, pad_token_id=0, capacity=64, share_prompt=True)
+    batch = {key: value.to(device) for key, value in packed_batch.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        alone = torch.stack([trunk(input_ids=torch.tensor([sequence], device=device), use_cache=False
+                                   ).last_hidden_state[0, -1] for example in examples
+                             for sequence in example["sequences"]]).float()
+        packed = packed_hidden_states(trunk, batch["input_ids"], batch["segment_mask"], batch["position_ids"])
+        packed = packed[batch["reward_rows"], batch["reward_columns"]].float()
+    finally:
+        model.train(was_training)
+    # Rounding differs between packed and alone (bf16 weights included); attention across examples, by far more.
+    if (alone - packed).abs().max() > 1e-2 * alone.abs().max() + 1e-4:
+        import transformers
+
+        implementation = getattr(trunk.config, "_attn_implementation", None)
+        raise UserError(f"training.packing: {type(trunk).__name__} (transformers {transformers.__version__}, "
+                        f"attention {implementation}) does not keep packed examples apart: it does not apply a 4D "
+                        "attention mask; set training.packing=false")
+
+
 def checkpoint_architectures(model: ScalarHeadModel) -> list[str]:
     """The architectures the loaded checkpoint's config names (empty for a model built here)."""
     return getattr(model.config, "architectures", None) or []
@@ -195,20 +274,23 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
     return scalar_model
 
 
-def make_trainable(model: torch.nn.Module, lora: LoraConfig | None, gradient_checkpointing: bool,
+def make_trainable(model: torch.nn.Module, lora: LoraConfig | None, training: TrainingConfig,
                    key: str = "model.lora") -> None:
     """What a stage's config asks of a model it trains: LoRA adapters (a scalar-head model also trains its
-    head, as a copy beside the original), then gradient checkpointing.
+    head, as a copy beside the original), then gradient checkpointing, then compilation.
 
     Args:
         model: a causal LM or a ``ScalarHeadModel``, before ``accelerator.prepare``.
+        training: the stage's ``training`` block (``gradient_checkpointing``, ``compile``, ``compile_mode``).
         key: the config key of ``lora``, for error messages.
     """
     hf_model, head = (model.model, "score") if isinstance(model, ScalarHeadModel) else (model, None)
     if lora is not None and not has_lora(hf_model):  # a model trained twice keeps its first adapters
         apply_lora(hf_model, lora, key, scalar_head=head)
-    if gradient_checkpointing:
+    if training.gradient_checkpointing:
         enable_gradient_checkpointing(hf_model)
+    if training.compile:  # last: the compiled blocks are the adapted, checkpointed ones
+        compile_blocks(hf_model, training.compile_mode)
 
 
 def save_merged(model_config: ModelConfig) -> bool:

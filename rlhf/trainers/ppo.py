@@ -55,8 +55,8 @@ from rlhf.functional import (
     truncate_after_eos,
 )
 from rlhf.generation import sample_with_logprobs
-from rlhf.models import (ScalarHeadModel, adopt_model, kept_logits, load_causal_lm, load_reward_model, load_scalar_model,
-                         load_tokenizer, make_trainable, resolve_max_length, save_merged)
+from rlhf.models import (ScalarHeadModel, adopt_model, compile_blocks, kept_logits, load_causal_lm, load_reward_model,
+                         load_scalar_model, load_tokenizer, make_trainable, resolve_max_length, save_merged)
 from rlhf.models.lora import adapters_disabled
 from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
@@ -245,8 +245,12 @@ class PPOTrainer:
             # A copy of the policy trunk with a zero head: V ≡ 0 at the start (LHP).
             self.critic = ScalarHeadModel.from_causal_lm(self.policy)
         # Adapters and checkpointing last: the reference and a critic copied from the policy are plain models.
-        make_trainable(self.policy, config.policy.lora, config.training.gradient_checkpointing, "policy.lora")
-        make_trainable(self.critic, config.critic.lora, config.training.gradient_checkpointing, "critic.lora")
+        make_trainable(self.policy, config.policy.lora, config.training, "policy.lora")
+        make_trainable(self.critic, config.critic.lora, config.training, "critic.lora")
+        if config.training.compile:  # the frozen models run every rollout too
+            for frozen in (self.reference, self.reward_model):
+                if frozen is not None:
+                    compile_blocks(frozen, config.training.compile_mode)
 
     @contextlib.contextmanager
     def reference_model(self, policy) -> Iterator[torch.nn.Module]:
@@ -460,10 +464,19 @@ class PPOTrainer:
         # 1: every process samples until its own episodes end, so sharded weights are gathered for the rollout.
         with full_weights(self.accelerator, self.model) as models:
             models.eval()
-            parts = [self.episodes(models.policy, models.critic, all_prompts[start:start + ppo.forward_batch_size],
-                                   all_prompt_mask[start:start + ppo.forward_batch_size],
-                                   prompt_texts[start:start + ppo.forward_batch_size], generator)
-                     for start in range(0, len(prompt_ids), ppo.forward_batch_size)]
+            # Decoded in batches of generation_batch_size, then scored in batches of forward_batch_size.
+            generation_batch = ppo.generation_batch_size or ppo.forward_batch_size
+            samples = [self.sample(models.policy, all_prompts[start:start + generation_batch],
+                                   all_prompt_mask[start:start + generation_batch], generator)
+                       for start in range(0, len(prompt_ids), generation_batch)]
+            response_ids, sample_logprobs, response_lengths = concatenate_samples(samples, pad)
+            parts = []
+            for start in range(0, len(prompt_ids), ppo.forward_batch_size):
+                rows = slice(start, start + ppo.forward_batch_size)
+                length = int(response_lengths[rows].max())  # no forward over another batch's longer responses
+                parts.append(self.episodes(models.policy, models.critic, all_prompts[rows], all_prompt_mask[rows],
+                                           prompt_texts[rows], response_ids[rows, :length],
+                                           sample_logprobs[rows, :length]))
         rollout = Rollout(**concatenate_right_padded(parts, pad))
         mask = rollout.response_mask
         # 2: per-token KL penalty in the reward, score on the last valid token (docs/ppo.md#17, docs/ppo.md#40)
@@ -489,11 +502,11 @@ class PPOTrainer:
         return whiten_from_moments(advantages, mask, moments)
 
     def episodes(self, policy, critic: ScalarHeadModel, prompts: torch.Tensor, prompt_mask: torch.Tensor,
-                 prompt_texts: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """One forward batch of episodes: responses, the policy's, the reference's and the critic's view of
-        them, and their scores (the fields of ``Rollout`` before rewards)."""
+                 prompt_texts: list[str], response_ids: torch.Tensor,
+                 sample_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward batch of sampled episodes: the policy's, the reference's and the critic's view of them,
+        and their scores (the fields of ``Rollout`` before rewards)."""
         sampling = self.config.sampling
-        response_ids, sample_logprobs = self.sample(policy, prompts, prompt_mask, generator)
         # Tokens after the first EOS become padding; the EOS stays (docs/ppo.md#13).
         response_ids, response_mask, ended = truncate_after_eos(response_ids, self.tokenizer.eos_token_id,
                                                                 self.tokenizer.pad_token_id)
@@ -523,9 +536,11 @@ class PPOTrainer:
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Extension point: draw responses (B, T) and their temperature-scaled logprobs (B, T)."""
         sampling = self.config.sampling
+        training = self.config.training
         return sample_with_logprobs(policy, prompt_ids, prompt_mask, sampling.max_new_tokens, sampling.temperature,
                                     sampling.top_k, sampling.top_p, self.tokenizer.eos_token_id,
-                                    self.tokenizer.pad_token_id, generator)
+                                    self.tokenizer.pad_token_id, generator,
+                                    compile_mode=training.compile_mode if training.compile else None)
 
     def score(self, prompt_texts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
               response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -733,6 +748,17 @@ def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, flo
 def freeze(model: torch.nn.Module) -> None:
     model.eval()
     model.requires_grad_(False)
+
+
+def concatenate_samples(samples: list[tuple[torch.Tensor, torch.Tensor]],
+                        pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampler's batches as one right-padded batch: (response_ids, logprobs, each row's batch length)."""
+    length = max(ids.shape[1] for ids, _ in samples)
+    pad = torch.nn.functional.pad
+    response_ids = torch.cat([pad(ids, (0, length - ids.shape[1]), value=pad_token_id) for ids, _ in samples])
+    logprobs = torch.cat([pad(lp, (0, length - lp.shape[1]), value=0.0) for _, lp in samples])
+    lengths = torch.cat([torch.full((ids.shape[0],), ids.shape[1]) for ids, _ in samples])
+    return response_ids, logprobs, lengths
 
 
 def concatenate_right_padded(parts: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

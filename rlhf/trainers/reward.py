@@ -27,6 +27,7 @@ from rlhf.functional import last_valid_index, pairwise_accuracy, pairwise_rankin
 from rlhf.models import (
     ScalarHeadModel,
     adopt_model,
+    check_segment_mask_support,
     checkpoint_architectures,
     has_trained_head,
     load_scalar_model,
@@ -38,6 +39,7 @@ from rlhf.models import (
 from rlhf.preference import (
     chosen_sequences,
     collate_preferences,
+    collate_preferences_packed,
     detect_preference_format,
     load_preference_examples,
     load_response_sequences,
@@ -63,8 +65,13 @@ def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 
     Goes through ``model(...)`` rather than ``raw_score`` so a DDP-wrapped model synchronises
     its gradients. A batch collated with ``share_prompt`` runs each prompt once and its responses
-    on the prompt's key/value cache (``ScalarHeadModel.forward``).
+    on the prompt's key/value cache (``ScalarHeadModel.forward``); a packed one
+    (``collate_preferences_packed``) runs its rows under their segment mask, and each reward is read
+    where the batch says its response ends.
     """
+    if "segment_mask" in batch:
+        per_token = model(batch["input_ids"], batch["segment_mask"], position_ids=batch["position_ids"])  # (rows, len)
+        return per_token[batch["reward_rows"], batch["reward_columns"]]
     prefix = {key: batch[key] for key in ("prefix_ids", "prefix_mask", "prefix_index") if key in batch}
     per_token = model(batch["input_ids"], batch["attention_mask"], **prefix)  # (responses, seq_len)
     return per_token.gather(1, last_valid_index(batch["attention_mask"]).unsqueeze(1)).squeeze(1)
@@ -95,14 +102,22 @@ class RewardObjective:
     Reported: ``loss`` (the ranking loss alone); ``accuracy``, the share of pairs with r_c > r_r
     strictly; ``margin``, the mean r_c − r_r; ``reward/chosen_mean|std`` and
     ``reward/rejected_mean|std`` over the pairs. All raw (unnormalised) rewards.
+
+    ``pack_length``: pack each batch's examples into rows of at most this many tokens (more for an
+    example that is longer) instead of padding every response (``training.packing``; the model must
+    pass ``check_segment_mask_support``). The same rewards, so the same loss and metrics.
     """
 
-    def __init__(self, pad_token_id: int, share_prompt: bool = False, center_rewards_coef: float = 0.0):
+    def __init__(self, pad_token_id: int, share_prompt: bool = False, center_rewards_coef: float = 0.0,
+                 pack_length: int | None = None):
         self.pad_token_id = pad_token_id
         self.share_prompt = share_prompt
         self.center_rewards_coef = center_rewards_coef
+        self.pack_length = pack_length
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.pack_length:
+            return collate_preferences_packed(examples, self.pad_token_id, self.pack_length, self.share_prompt)
         return collate_preferences(examples, self.pad_token_id, self.share_prompt)
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
@@ -190,16 +205,20 @@ class RewardTrainer:
         run, accelerator, resume_from = start_run(config, resume)
 
         self.model, self.tokenizer = self.build_model()
-        make_trainable(self.model, config.model.lora, config.training.gradient_checkpointing)
+        make_trainable(self.model, config.model.lora, config.training)
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
         reference = self.normalization_sequences(train_examples, eval_examples, max_length)  # fail before training
 
         loop = SupervisedLoop(accelerator=accelerator, model=self.model,
                               objective=RewardObjective(self.tokenizer.pad_token_id, config.prefix_sharing,
-                                                        config.center_rewards_coef),
+                                                        config.center_rewards_coef,
+                                                        max_length if config.training.packing else None),
                               train_examples=train_examples, eval_examples=eval_examples,
                               training=config.training, run=run, progress_desc="rm")
+        if config.training.packing:  # every process: sharded weights are gathered for the check
+            with full_weights(accelerator, loop.model) as model:
+                check_segment_mask_support(model)
         train_pairs = sum(len(e["pairs"]) for e in train_examples)
         logger.info("RM: %d train prompts (%d pairs) / %d eval prompts (%d pairs), %d optimizer steps",
                     len(train_examples), train_pairs, len(eval_examples),

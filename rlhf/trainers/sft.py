@@ -105,7 +105,7 @@ class SFTTrainer:
             raise ValueError("pass the tokenizer together with the model")
         else:
             adopt_model(self.model, self.tokenizer, config.model)
-        make_trainable(self.model, config.model.lora, config.training.gradient_checkpointing)
+        make_trainable(self.model, config.model.lora, config.training)
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
 

@@ -294,6 +294,44 @@ def test_critic_from_the_policy_starts_at_zero(tokenizer_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- truncation, missing EOS (docs/ppo.md#oracle-12, docs/ppo.md#13, docs/ppo.md#14)
 
+class BatchRecordingTrainer(RecordingTrainer):
+    """Records the rows of every sampler call and every scoring batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.samples, self.scored_rows = [], []
+
+    def sample(self, policy, prompt_ids, prompt_mask, generator):
+        response_ids, logprobs = super().sample(policy, prompt_ids, prompt_mask, generator)
+        self.samples.append((response_ids, logprobs))
+        return response_ids, logprobs
+
+    def episodes(self, policy, critic, prompts, *args):
+        self.scored_rows.append(prompts.shape[0])
+        return super().episodes(policy, critic, prompts, *args)
+
+
+@pytest.mark.parametrize("generation_batch_size, sampled_rows", [(None, [4, 4]), (8, [8]), (3, [3, 3, 2])])
+def test_generation_batches_are_decoded_apart_from_the_scoring_batches(tokenizer_dir, tmp_path,
+                                                                       generation_batch_size, sampled_rows):
+    trainer = run_tiny_ppo(tmp_path, tokenizer_dir, trainer_class=BatchRecordingTrainer,
+                           ppo={"generation_batch_size": generation_batch_size, "logprobs_from_generation": False})
+    assert [ids.shape[0] for ids, _ in trainer.samples] == sampled_rows
+    assert trainer.scored_rows == [4, 4]  # forward_batch_size, whatever the generation batches
+    # Every episode kept its own sample: the policy forward's logprobs (logprobs_from_generation off)
+    # equal the sampler's row by row, and the responses are the sampled tokens up to the first EOS.
+    rollout = trainer.rollouts[0]
+    mask = rollout.response_mask.bool()
+    start = 0
+    for response_ids, logprobs in trainer.samples:
+        rows, length = slice(start, start + response_ids.shape[0]), response_ids.shape[1]
+        start += response_ids.shape[0]
+        assert torch.equal(rollout.response_ids[rows, :length][mask[rows, :length]], response_ids[mask[rows, :length]])
+        assert not mask[rows, length:].any()
+        gap = (rollout.logprobs[rows, :length] - logprobs)[mask[rows, :length]].abs().max()
+        assert gap <= 1e-5
+
+
 class EndingTrainer(RecordingTrainer):
     """Forces an EOS at response position 2 in even rows (with ordinary tokens sampled after it)
     and removes every EOS from odd rows, so the batch has finished and unfinished episodes."""

@@ -180,6 +180,46 @@ def test_medians_ratios_and_the_ratios_line():
     assert summary.ratio("sft", "rlhf", "2x-length", over="rlhf") == pytest.approx(900 / 1100)
 
 
+def test_lever_rows_their_steady_state_the_best_row_and_the_targets_line():
+    lines = canned_lines() + [
+        line(r, "sft", "rlhf", run("tokens_per_s", value, steady_tokens_per_s=value * 1.5), variant="compile")
+        for r, value in ((1, 1400), (2, 1300), (3, 1500))] + [
+        line(1, "rm", "rlhf", run("pairs_per_s", 5.0, steady_pairs_per_s=7.0), variant="packing")]
+    summary = compare.summarize(lines, n_params=10_000_000)
+    text = compare.report_text(summary).splitlines()
+    compiled = next(row for row in text if row.startswith("| sft | ours, training.compile=true |"))
+    assert "| 1,400.00 real tokens/s | 2,100.00 |" in compiled  # the median, then the median steady state
+    assert next(row for row in text if row.startswith("| sft | ours |")).split(" | ")[3] == "-"  # none reported
+    # The best row is the fastest by the end-to-end median, compilation counted: SFT compiled (1400/950),
+    # RM with its defaults (6.0 > 5.0 packed, though packed is faster in steady state), PPO's defaults (5/4).
+    assert "ratios (best row): sft=1.47 rm=1.50 ppo=1.25" in text
+    targets = next(row for row in text if row.startswith("targets (best row): "))
+    assert targets.startswith("targets (best row): sft 1.47x of 2.0x, 42 % of 70 % peak (compile); "
+                              "rm 1.50x of 1.5x")
+    assert "(defaults)" in targets.split("; ")[1]
+    assert text[-1] == "ratios: sft=1.16 rm=1.50 ppo=1.25"  # the last line stays the defaults' ratios
+
+
+def test_the_plan_runs_each_lever_of_a_stage_unless_told_not_to(tmp_path):
+    places = compare.Places(venvs=tmp_path / "venvs", workload=tmp_path / "workload", python=sys.executable)
+    plan = compare.run_plan(places, list(compare.STAGES), rounds=1, skip_double=True)
+    levers = [(stage, variant, argv[2:]) for _, stage, impl, variant, argv in plan
+              if impl == "rlhf" and variant != "1x"]
+    assert levers == [("sft", "packing", ["training.packing=true"]), ("sft", "compile", ["training.compile=true"]),
+                      ("rm", "packing", ["training.packing=true"]), ("rm", "compile", ["training.compile=true"]),
+                      ("ppo", "compile", ["training.compile=true"])]
+    plan = compare.run_plan(places, list(compare.STAGES), rounds=1, skip_double=True, skip_levers=True)
+    assert {variant for *_, variant, _ in plan} == {"1x"}
+
+
+def test_steady_rate_is_the_median_of_the_later_windows(tmp_path):
+    records = [{"step": 0, "eval/loss": 1.0}] + [{"step": s, "tokens_per_s": rate}
+                                                 for s, rate in ((1, 10.0), (2, 90.0), (3, 100.0), (4, 120.0))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench_common.steady_rate(tmp_path, "tokens_per_s") == 110.0  # windows 3 and 4: compile time is in 1
+    assert bench_common.steady_rate(tmp_path, "episodes_per_s") is None
+
+
 def test_contaminated_runs_are_flagged_and_footnoted():
     summary = compare.summarize(canned_lines(), n_params=10_000_000)
     assert summary.flagged == [{"round": 2, "stage": "sft", "impl": "rlhf", "variant": "1x", "other_cpu_frac": 0.2}]

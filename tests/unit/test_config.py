@@ -325,9 +325,26 @@ def test_bare_no_in_yaml_is_the_choice_no_not_a_boolean(tmp_path):
 
 
 
-@pytest.mark.parametrize("name", ["rm", "ppo"])
-def test_packing_is_refused_where_batches_are_padded(name):
-    from rlhf.config import PPOConfig, RewardConfig
+def test_packing_is_refused_where_batches_are_padded():
+    from rlhf.config import PPOConfig
 
     with pytest.raises(UserError, match=r"training.packing: SFT only"):
-        load_config({"rm": RewardConfig, "ppo": PPOConfig}[name], f"configs/{name}.yaml", ["training.packing=true"])
+        load_config(PPOConfig, "configs/ppo.yaml", ["training.packing=true"])
+
+
+@pytest.mark.parametrize("prefix_sharing", ["true", "false"])
+def test_packing_is_accepted_for_the_reward_model(prefix_sharing):
+    from rlhf.config import RewardConfig
+
+    config = load_config(RewardConfig, "configs/rm.yaml", ["training.packing=true", f"prefix_sharing={prefix_sharing}"])
+    assert config.training.packing and config.prefix_sharing == (prefix_sharing == "true")
+
+
+def test_prefix_sharing_with_gradient_checkpointing_needs_packing():
+    from rlhf.config import RewardConfig
+
+    with pytest.raises(UserError, match=r"prefix_sharing: .* set prefix_sharing=false or training.packing=true"):
+        load_config(RewardConfig, "configs/rm.yaml", ["training.gradient_checkpointing=true", "prefix_sharing=true"])
+    config = load_config(RewardConfig, "configs/rm.yaml",
+                         ["training.gradient_checkpointing=true", "prefix_sharing=true", "training.packing=true"])
+    assert config.prefix_sharing and config.training.gradient_checkpointing

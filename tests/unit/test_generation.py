@@ -122,6 +122,26 @@ def test_preallocated_cache_samples_what_the_growing_cache_samples(monkeypatch):
     assert (static_logprobs - growing_logprobs).abs().max() <= 1e-5
 
 
+def test_compiled_decode_step_samples_what_the_eager_one_samples_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    from rlhf.models import compile_blocks
+
+    model = tiny_gpt2()
+    _, _, eager_ids, eager_logprobs = sample(model)
+    compile_blocks(model)  # as training.compile leaves the policy: the blocks run eager on the cache
+    torch._dynamo.reset()
+    counters.clear()
+    prompt_ids, prompt_mask = left_padded(PROMPTS)
+    compiled_ids, compiled_logprobs = sample_with_logprobs(model, prompt_ids, prompt_mask, 12, TEMPERATURE, 0, 1.0,
+                                                           EOS, PAD, torch.Generator().manual_seed(0),
+                                                           compile_mode="default")
+    assert torch.equal(compiled_ids, eager_ids)
+    assert (compiled_logprobs - eager_logprobs).abs().max() <= 1e-5
+    # One graph for the whole response: the static cache and the full-length mask keep every step's shapes.
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_negative_control_forward_without_position_ids_on_a_left_padded_row():
     model = tiny_gpt2()
     prompt_ids, prompt_mask, response_ids, sampled_logprobs = sample(model)

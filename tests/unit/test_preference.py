@@ -13,6 +13,7 @@ from rlhf.models import load_tokenizer
 from rlhf.preference import (
     chosen_sequences,
     collate_preferences,
+    collate_preferences_packed,
     encode_prompt,
     encode_response,
     load_preference_examples,
@@ -180,6 +181,84 @@ def test_collate_with_a_shared_prompt_puts_each_prompt_once_and_responses_after_
         prompt = shared["prefix_ids"][prompt_index][shared["prefix_mask"][prompt_index].bool()].tolist()
         response = shared["input_ids"][row][shared["attention_mask"][row].bool()].tolist()
         assert prompt + response == sequence
+
+
+# ----------------------------------------------------------------------------- packed batches (training.packing)
+
+# Hand-made examples: A's prompt [10, 11, 12] with responses [20, 21] and [30, 31, 32]; B's prompt [40] with
+# [50] and [60, 61]. Token values only mark where each token lands.
+PACKING_EXAMPLES = [
+    {"sequences": [[10, 11, 12, 20, 21], [10, 11, 12, 30, 31, 32]], "prompt_length": 3, "pairs": [[1, 0]],
+     "margins": [0.5]},
+    {"sequences": [[40, 50], [40, 60, 61]], "prompt_length": 1, "pairs": [[0, 1]], "margins": [0.0]},
+]
+
+
+def attended(mask: torch.Tensor) -> dict[int, set[int]]:
+    """{query column: the key columns it attends to} of one (row_len, row_len) mask."""
+    return {query: set(torch.nonzero(keys).flatten().tolist()) for query, keys in enumerate(mask)}
+
+
+def test_packed_collate_with_a_shared_prompt_is_a_tree_per_example():
+    batch = collate_preferences_packed(PACKING_EXAMPLES, pad_token_id=0, capacity=16, share_prompt=True)
+    assert list(batch)[0] == "pairs_per_prompt"
+    padded = collate_preferences(PACKING_EXAMPLES, 0, share_prompt=True)
+    for key in ("pairs_per_prompt", "chosen_index", "rejected_index", "group_ids", "margins"):
+        assert torch.equal(batch[key], padded[key]), key
+    # One row (8 + 4 tokens fit in 16): A's prompt once, then each response's own tokens; then B.
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31, 32, 40, 50, 60, 61]]
+    # A response's positions continue from its prompt: those of the unshared prompt + response.
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 1, 2]]
+    assert batch["segment_mask"].shape == (1, 1, 12, 12) and batch["segment_mask"].dtype == torch.bool
+    assert attended(batch["segment_mask"][0, 0]) == {
+        0: {0}, 1: {0, 1}, 2: {0, 1, 2},                                  # A's prompt
+        3: {0, 1, 2, 3}, 4: {0, 1, 2, 3, 4},                              # A's first response: prompt + itself
+        5: {0, 1, 2, 5}, 6: {0, 1, 2, 5, 6}, 7: {0, 1, 2, 5, 6, 7},       # A's second: not the first
+        8: {8}, 9: {8, 9}, 10: {8, 10}, 11: {8, 10, 11}}                  # B: only B
+    # The rewards are read at each response's EOS, in the padded batch's response order.
+    assert batch["reward_rows"].tolist() == [0, 0, 0, 0] and batch["reward_columns"].tolist() == [4, 7, 9, 11]
+    # Real tokens, counted as the prefix-shared padded batch counts them (each prompt once).
+    assert int(batch["attention_mask"].sum()) == int(padded["attention_mask"].sum() + padded["prefix_mask"].sum()) == 12
+
+
+def test_packed_collate_without_prompt_sharing_runs_each_sequence_on_its_own():
+    batch = collate_preferences_packed(PACKING_EXAMPLES, pad_token_id=0, capacity=16)
+    sequences = [s for e in PACKING_EXAMPLES for s in e["sequences"]]
+    assert batch["input_ids"].tolist() == [sum(sequences, [])]  # 11 + 5 tokens: one row
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 0, 1, 2]]
+    spans, start = [], 0
+    for sequence in sequences:
+        spans.append(range(start, start + len(sequence)))
+        start += len(sequence)
+    assert attended(batch["segment_mask"][0, 0]) == {query: set(range(span.start, query + 1))
+                                                     for span in spans for query in span}
+    assert batch["reward_columns"].tolist() == [span[-1] for span in spans] and not batch["reward_rows"].any()
+    assert torch.equal(batch["chosen_index"], collate_preferences(PACKING_EXAMPLES, 0)["chosen_index"])
+
+
+def test_packed_collate_fills_rows_first_fit_decreasing_and_gives_a_long_segment_its_own_row():
+    def example(length: int) -> dict:  # a segment of `length` tokens: two sequences, no shared prompt
+        return {"sequences": [[7] * (length - length // 2), [8] * (length // 2)], "prompt_length": 2,
+                "pairs": [[0, 1]], "margins": [0.0]}
+
+    lengths = [6, 5, 4, 3, 12]  # the last is longer than the capacity: rows grow to it, and it fills one
+    batch = collate_preferences_packed([example(n) for n in lengths], pad_token_id=0, capacity=10)
+    # First-fit decreasing into rows of 12: [12], [6, 5], [4, 3].
+    rows = batch["reward_rows"].view(-1, 2)  # per example, the rows of its two responses: one row
+    assert torch.equal(rows[:, 0], rows[:, 1])
+    row_of = rows[:, 0].tolist()
+    assert len(set(row_of)) == 3 and row_of[0] == row_of[1] and row_of[2] == row_of[3]
+    assert len({row_of[0], row_of[2], row_of[4]}) == 3
+    assert batch["input_ids"].shape == (3, 12)
+    real = batch["attention_mask"].sum(1).tolist()
+    assert [real[row_of[0]], real[row_of[2]], real[row_of[4]]] == [11, 7, 12]
+    # Right padding attends only to padding (and to itself: a query seeing nothing would give NaN);
+    # no real token sees it.
+    mask, pads = batch["segment_mask"][:, 0], batch["attention_mask"] == 0
+    assert mask.diagonal(dim1=1, dim2=2).all()
+    assert not (mask & pads.unsqueeze(1) & ~pads.unsqueeze(2)).any()  # real query, pad key
+    assert not (mask & ~pads.unsqueeze(1) & pads.unsqueeze(2)).any()  # pad query, real key
+    assert (batch["input_ids"][pads] == 0).all()
 
 
 # ----------------------------------------------------------------------------- bad rows
