@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import pickle
+import shutil
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
@@ -188,6 +189,11 @@ def compile_blocks(model: torch.nn.Module, mode: str = "default") -> int:
     LoRA adapters and DDP see the same model. Returns the number of blocks compiled; a model without
     repeated blocks is compiled whole (returns 0).
     """
+    device = next(model.parameters()).device
+    if device.type == "cpu" and not torch.cuda.is_available() and not cpp_compiler_found():
+        raise UserError("training.compile: torch.compile builds C++ kernels on CPU and finds no C++ compiler "
+                        "(CXX, c++, g++ or clang++ on PATH); install one (e.g. apt install g++) or set "
+                        "training.compile=false")
     options = {} if mode == "default" else {"mode": mode}
     blocks = transformer_blocks(model)
     for block in blocks:
@@ -195,6 +201,12 @@ def compile_blocks(model: torch.nn.Module, mode: str = "default") -> int:
     if not blocks:
         model.compile(**options)
     return len(blocks)
+
+
+def cpp_compiler_found() -> bool:
+    """Whether inductor's CPU backend has a C++ compiler to call (the CXX variable, else one on PATH)."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return any(shutil.which(candidate) for candidate in candidates)
 
 
 def eager_blocks():

@@ -32,6 +32,18 @@ def test_compile_blocks_compiles_each_block_in_place_and_keeps_parameter_names(t
     assert [name for name, _ in model.named_parameters()] == names  # checkpoints and adapters see one model
 
 
+def test_compile_without_a_cpp_compiler_is_one_clear_error(tokenizer_dir, monkeypatch):
+    import rlhf.models.backbone as backbone
+    from rlhf.errors import UserError
+
+    monkeypatch.setattr(backbone.shutil, "which", lambda name: None)
+    monkeypatch.setattr(backbone.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CXX", raising=False)
+    model, _ = load_causal_lm(tiny_sft_config(tokenizer_dir, "unused", None, "unused").model, seed=0)
+    with pytest.raises(UserError, match=r"^training.compile: .* no C\+\+ compiler .* set training.compile=false$"):
+        compile_blocks(model)
+
+
 def test_compiled_sft_trains_the_loss_curve_of_eager_sft(tokenizer_dir, sft_files, tmp_path):
     train, evaluation = sft_files
     runs = {}
