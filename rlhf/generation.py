@@ -117,7 +117,7 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     for index in range(max_new_tokens):
         scaled = next_logits.float() / temperature
         probabilities = filter_logits(scaled, top_k, top_p).softmax(-1)
-        token = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+        token = draw_tokens(probabilities, generator)
         token_logprob = scaled.log_softmax(-1).gather(1, token.unsqueeze(1)).squeeze(1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
@@ -133,6 +133,23 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
             next_logits, cache = step(model, token.unsqueeze(1), attention_mask, next_position, cache, cache_argument)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def draw_tokens(probabilities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``probabilities`` (batch, vocab), drawn by inverting the row's CDF.
+
+    The same distribution as ``torch.multinomial(probabilities, 1)`` with one uniform number per row:
+    multinomial's CPU path draws one exponential per vocabulary entry (16 x 8,193 per token on the
+    PPO benchmark, 3.2 ms against 0.85 ms here). The CDF is summed in float64 so that rounding cannot
+    move mass between neighbouring tokens; a zero-probability token (top-k/top-p) is never drawn,
+    because ``right=True`` finds the first entry whose cumulative mass exceeds the draw.
+
+    Returns:
+        (batch,) long token ids.
+    """
+    cdf = probabilities.to(torch.float64).cumsum(-1)
+    draw = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
 def decode_step(model, token: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,

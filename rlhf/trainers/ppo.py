@@ -136,12 +136,17 @@ def load_reward_function(spec: str, key: str = "reward.function") -> RewardFunct
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """(B, T, V) logits predicting each response token, with position ids = exclusive cumsum of the mask.
 
-    Only the positions that predict response tokens go through the vocabulary projection.
+    Only the positions that predict response tokens go through the vocabulary projection: the last
+    prompt position and every response position but the last, selected by a mask, so the projection is
+    one (B·T, d) matmul (the last-k slice of the hidden states is not contiguous, and a linear layer on
+    it runs as a batched matmul over a broadcast weight, ~2x slower on CPU).
     """
     position_ids = exclusive_cumsum_positions(attention_mask)
-    response_len = input_ids.shape[1] - prompt_len
-    logits = kept_logits(model, input_ids, attention_mask, response_len + 1, position_ids=position_ids)
-    return logits[:, :-1]
+    batch_size, response_len = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    predicts_response = torch.zeros_like(input_ids, dtype=torch.bool)
+    predicts_response[:, prompt_len - 1:-1] = True
+    logits = kept_logits(model, input_ids, attention_mask, predicts_response, position_ids=position_ids)
+    return logits.view(batch_size, response_len, logits.shape[-1])
 
 
 class PolicyAndValue(torch.nn.Module):
