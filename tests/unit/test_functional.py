@@ -149,6 +149,12 @@ def test_logprobs_from_logits_matches_log_softmax_and_is_fp32():
     assert half.dtype == torch.float32 and half.shape == (2, 5)
 
 
+def test_logprobs_from_logits_rejects_an_ignore_label_instead_of_returning_zero():
+    # -100 is the usual "ignore" label of a cross-entropy; here every position is a token, so it is out of range
+    with pytest.raises(IndexError):
+        logprobs_from_logits(torch.zeros(1, 2, 3), torch.tensor([[0, -100]]))
+
+
 def test_logprobs_from_logits_rejects_nonpositive_temperature():
     with pytest.raises(ValueError, match="temperature"):
         logprobs_from_logits(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long), temperature=0.0)
