@@ -100,8 +100,6 @@ def test_top_k_and_top_p_together_keep_the_intersection():
     assert torch.isfinite(filtered)[0].tolist() == [False, True, False, False]
 
 
-# ----------------------------------------------------------------------------- logprob consistency (docs/ppo.md#oracle-11)
-
 # ----------------------------------------------------------------------------- draw_tokens
 
 def test_draw_tokens_follows_the_probabilities_and_never_draws_a_zero():
@@ -130,6 +128,8 @@ def test_draw_tokens_is_reproducible_and_matches_multinomial_in_distribution():
         assert 0.5 * (ours - theirs).abs().sum() < 0.035
         assert 0.5 * (ours - probabilities[row].double()).abs().sum() < 0.025
 
+
+# ----------------------------------------------------------------------------- logprob consistency (docs/ppo.md#oracle-11)
 
 def test_generation_logprobs_equal_a_full_forward():
     model = tiny_gpt2()
