@@ -24,6 +24,9 @@ setup(
         "dev": ["pytest>=7.0", "tokenizers>=0.19", "peft>=0.13"],  # the tests cover LoRA too
         "peft": ["peft>=0.13"],            # LoRA: a `lora:` block in a model config
         "deepspeed": ["deepspeed>=0.15"],  # the configs/accelerate/deepspeed_*.yaml launch configs (GPU)
+        # model.attn_implementation: flash_attention_2 (CUDA; builds against the installed torch, so
+        # pip install 'rlhf[flash-attn]' --no-build-isolation)
+        "flash-attn": ["flash-attn>=2.6"],
         "tracking": ["tensorboard>=2.10", "wandb>=0.16"],
         "report": ["matplotlib>=3.5"],
     },

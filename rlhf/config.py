@@ -88,6 +88,12 @@ class ModelConfig:
     tokenizer: str | None = param(None, help="tokenizer hub name or directory (default: name_or_path)")
     trust_remote_code: bool = param(False, help="run model code shipped with a hub checkpoint (off: it is arbitrary code)")
     revision: str | None = param(None, help="hub revision (branch, tag or commit) to load")
+    attn_implementation: str | None = param(None, help=(
+        "attention kernel, by transformers' name: null keeps the model's default (sdpa for transformers' own "
+        "architectures); eager; sdpa; flash_attention_2 or flash_attention_3 (CUDA, half precision through "
+        "training.mixed_precision; pip install 'rlhf[flash-attn]' --no-build-isolation): with SFT's training.packing, packed rows then "
+        "run through flash-attention's variable-length kernel; or a kernels-hub repository (needs the kernels "
+        "package). In PPO the policy's choice also applies to the reference, the reward model and the critic"))
     disable_dropout: bool = param(True, help="set every dropout probability to 0 (RLHF practice, docs/ppo.md#35)")
     fused_gelu: bool = param(True, help=(
         "run GPT-2's python tanh GELU ('gelu_new') as torch's fused kernel: the same function up to float "
@@ -194,6 +200,7 @@ class SFTConfig:
         problems = collect_field_problems(self)
         if not model_given:
             problems += model_problems(self.model, "model")
+        problems += attention_problems(self.model, self.training, "model")
         if not self.data.path and not data_given:
             problems.append("data.path: required; give a hub dataset name or a local data file")
         if problems:
@@ -279,6 +286,7 @@ class RewardConfig:
             problems += model_problems(self.model, "model")
             if self.head_init == "keep" and self.model.from_config is not None:
                 problems.append("head_init: keep needs a trained reward model in model.name_or_path, not from_config")
+        problems += attention_problems(self.model, self.training, "model")
         if not self.data.path and not data_given:
             problems.append("data.path: required; give a hub dataset name or a local preference data file")
         for ours in self.data.columns:
@@ -316,7 +324,19 @@ def model_problems(model: ModelConfig, prefix: str) -> list[str]:
         arch = model.from_config
         if arch.n_embd % arch.n_head:
             problems.append(f"{prefix}.from_config.n_embd: {arch.n_embd} is not divisible by n_head={arch.n_head}")
+    if model.attn_implementation is not None and not model.attn_implementation.strip():
+        problems.append(f"{prefix}.attn_implementation: empty; give a name such as sdpa, eager or flash_attention_2, "
+                        "or null for the model's default")
     return problems
+
+
+def attention_problems(model: ModelConfig, training: TrainingConfig, prefix: str) -> list[str]:
+    """``{prefix}.attn_implementation`` against the precision: flash-attention kernels take fp16/bf16 only."""
+    name = model.attn_implementation or ""
+    if name.startswith("flash_attention") and training.mixed_precision == "no":
+        return [f"{prefix}.attn_implementation: {name} computes in fp16/bf16 only; set training.mixed_precision "
+                "to bf16 (or fp16, or auto on a GPU that has bf16)"]
+    return []
 
 
 def collect_field_problems(config: Any, prefix: str = "") -> list[str]:
@@ -633,6 +653,7 @@ class PPOConfig:
     def validate(self) -> None:
         problems = collect_field_problems(self)
         problems += model_problems(self.policy, "policy")
+        problems += attention_problems(self.policy, self.training, "policy")
         if not self.data.path:
             problems.append("data.path: required; give a prompt dataset")
         if (self.reward.model_path is None) == (self.reward.function is None):

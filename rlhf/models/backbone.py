@@ -92,17 +92,18 @@ def load_causal_lm(model_config: ModelConfig, tokenizer=None, seed: int = 0,
         model = build_fresh_gpt2(model_config.from_config, tokenizer)
     else:
         model = from_pretrained_or_error(AutoModelForCausalLM, model_config, f"{block}.name_or_path")
-    adopt_model(model, tokenizer, model_config)
+    adopt_model(model, tokenizer, model_config, block)
     return model, tokenizer
 
 
-def adopt_model(model: PreTrainedModel, tokenizer, model_config: ModelConfig) -> None:
+def adopt_model(model: PreTrainedModel, tokenizer, model_config: ModelConfig, block: str = "model") -> None:
     """Bring any model (ours, or one a user passes in) to the conventions every stage relies on.
 
     The tokenizer gets a dedicated pad (never pad = eos), the embeddings grow to the tokenizer and
     the special ids are recorded, and dropout is turned off if ``model_config.disable_dropout``
-    (train- and eval-mode forwards must agree, docs/ppo.md#35), and GPT-2's python GELU becomes
-    the fused kernel if ``model_config.fused_gelu``.
+    (train- and eval-mode forwards must agree, docs/ppo.md#35), GPT-2's python GELU becomes
+    the fused kernel if ``model_config.fused_gelu``, and the attention runs through
+    ``model_config.attn_implementation`` when one is named (``block``: its config block, for errors).
     """
     ensure_pad_token(tokenizer)
     fit_to_tokenizer(model, tokenizer)
@@ -110,6 +111,36 @@ def adopt_model(model: PreTrainedModel, tokenizer, model_config: ModelConfig) ->
         disable_dropout(model)
     if model_config.fused_gelu:
         use_fused_gelu(model)
+    if model_config.attn_implementation:
+        set_attention_implementation(model, model_config.attn_implementation, f"{block}.attn_implementation")
+
+
+def set_attention_implementation(model: PreTrainedModel, name: str, key: str) -> None:
+    """Run ``model``'s attention through transformers' implementation ``name`` ("sdpa", "eager",
+    "flash_attention_2", a kernels-hub repository...), or raise ``UserError`` naming ``key``.
+
+    transformers checks the request itself (a kernel the model does not support, a package that is not
+    installed) and raises; its first line becomes ours. A model whose code predates transformers'
+    attention interface (some remote code) cannot switch after loading and would silently keep its own.
+    """
+    if getattr(model.config, "_attn_implementation", None) == name:
+        return
+    import transformers
+
+    if not hasattr(model, "set_attn_implementation"):
+        raise UserError(f"{key}: choosing the attention needs a transformers release with "
+                        f"PreTrainedModel.set_attn_implementation (installed: {transformers.__version__})")
+    can_switch = getattr(model, "_can_set_attn_implementation", None)
+    if can_switch is not None and not can_switch():
+        raise UserError(f"{key}: {type(model).__name__} cannot switch its attention to '{name}' (its code does not use "
+                        "transformers' attention interface); remove the key to keep its own")
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as error:
+        hint = {"flash_attention_2": "; pip install 'rlhf[flash-attn]' --no-build-isolation on a machine with a CUDA GPU"
+                }.get(name, "; it needs its flash-attention package, built for a CUDA GPU"
+                      if name.startswith("flash_attention") else "")
+        raise UserError(f"{key}: {first_line(error).rstrip('.')}{hint}") from None
 
 
 def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = "model.name_or_path",

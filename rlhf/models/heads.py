@@ -233,11 +233,12 @@ def has_trained_head(model: ScalarHeadModel) -> bool:
     return any(name.endswith("ForSequenceClassification") for name in checkpoint_architectures(model))
 
 
-def load_reward_model(model_config: ModelConfig, tokenizer, key: str = "model") -> ScalarHeadModel:
+def load_reward_model(model_config: ModelConfig, tokenizer, key: str = "model",
+                      block: str = "model") -> ScalarHeadModel:
     """A trained reward model (one-label sequence classifier) from ``model_config.name_or_path``, or one line
     naming ``key`` when the checkpoint is not one: loaded from a causal LM, its head would be a random draw
     and everything scored with it noise."""
-    model = load_scalar_model(model_config, tokenizer, head_init=None, key=key)
+    model = load_scalar_model(model_config, tokenizer, head_init=None, key=key, block=block)
     if not has_trained_head(model):
         architectures = checkpoint_architectures(model)
         raise UserError(f"{key}: '{model_config.name_or_path}' is not a reward model (its config lists "
@@ -247,7 +248,7 @@ def load_reward_model(model_config: ModelConfig, tokenizer, key: str = "model") 
 
 
 def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | None = "normal",
-                      seed: int = 0, key: str = "model.name_or_path") -> ScalarHeadModel:
+                      seed: int = 0, key: str = "model.name_or_path", block: str = "model") -> ScalarHeadModel:
     """A scalar-head model from any causal-LM or sequence-classification checkpoint, or a fresh GPT-2.
 
     Args:
@@ -256,6 +257,8 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
         head_init: 'normal' or 'zero' re-initialises the head; None keeps a trained head
             (loading a reward model).
         seed: seeds the head initialisation.
+        key: the config key that gave the checkpoint path; block: the one holding the rest of
+            ``model_config`` (``attn_implementation``), both for error messages.
     """
     ensure_pad_token(tokenizer)  # before building: a fresh model's vocabulary includes the pad
     torch.manual_seed(seed)
@@ -267,7 +270,7 @@ def load_scalar_model(model_config: ModelConfig, tokenizer, head_init: str | Non
         model.transformer.load_state_dict(lm.transformer.state_dict())
     else:
         model = from_pretrained_or_error(AutoModelForSequenceClassification, model_config, key, num_labels=1)
-    adopt_model(model, tokenizer, model_config)
+    adopt_model(model, tokenizer, model_config, block)
     scalar_model = ScalarHeadModel(model)
     if head_init is not None:
         scalar_model.init_head(head_init)

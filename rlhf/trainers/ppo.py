@@ -209,7 +209,7 @@ class PPOTrainer:
             # A policy passed in gets what the loader gives ours: a dedicated pad and no dropout.
             # Dropout in the update's train() forward makes the first ratio ≠ 1 (|Δlogp| ≈ 0.2,
             # docs/ppo.md#35); the reference and a critic copied from the policy inherit the setting.
-            adopt_model(self.policy, self.tokenizer, config.policy)
+            adopt_model(self.policy, self.tokenizer, config.policy, "policy")
         # The reference is the SFT policy, frozen: never trained, no gradients (docs/ppo.md#36). With LoRA
         # it is the policy itself with its adapters off (``reference_model``): no second copy of the weights.
         self.reference = None
@@ -219,7 +219,9 @@ class PPOTrainer:
 
         self.reward_model, self.reward_tokenizer = None, None
         if config.reward.model_path is not None:
-            rm_config = ModelConfig(name_or_path=config.reward.model_path)
+            # The attention kernel is the run's choice, not the checkpoint's: the policy's serves every model.
+            rm_config = ModelConfig(name_or_path=config.reward.model_path,
+                                    attn_implementation=config.policy.attn_implementation)
             self.reward_tokenizer = load_tokenizer(rm_config, path_key="reward.model_path")
         elif self.reward_fn is None:
             self.reward_fn = load_reward_function(config.reward.function)
@@ -231,7 +233,8 @@ class PPOTrainer:
                                  and config.critic.init == "reward" and config.critic.name_or_path is None
                                  and self.same_vocabulary)
         if config.reward.model_path is not None and not self.reward_in_critic:
-            self.reward_model = load_reward_model(rm_config, self.reward_tokenizer, key="reward.model_path")
+            self.reward_model = load_reward_model(rm_config, self.reward_tokenizer, key="reward.model_path",
+                                                  block="policy")
             freeze(self.reward_model)
 
         if config.critic.init == "reward" or config.critic.name_or_path:
@@ -241,11 +244,12 @@ class PPOTrainer:
                                 "use critic.init=policy")
             # Same head and normalisation as the RM: V_t starts as the RM's score of the text before token t
             # (docs/ppo.md#oracle-16).
-            critic_config = ModelConfig(name_or_path=path)
-            self.critic = (load_reward_model(critic_config, self.tokenizer, key="reward.model_path") if self.reward_in_critic else
+            critic_config = ModelConfig(name_or_path=path, attn_implementation=config.policy.attn_implementation)
+            self.critic = (load_reward_model(critic_config, self.tokenizer, key="reward.model_path", block="policy")
+                           if self.reward_in_critic else
                            load_scalar_model(critic_config, self.tokenizer, head_init=None,
                                              key="critic.name_or_path" if config.critic.name_or_path
-                                             else "reward.model_path"))
+                                             else "reward.model_path", block="policy"))
         else:
             # A copy of the policy trunk with a zero head: V ≡ 0 at the start (LHP).
             self.critic = ScalarHeadModel.from_causal_lm(self.policy)

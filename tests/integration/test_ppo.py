@@ -287,6 +287,19 @@ def test_critic_from_the_reward_model_predicts_its_score_before_any_update(token
     assert torch.allclose(rollout.scores, (raw - RM_MEAN) / RM_STD, atol=1e-6)
 
 
+def test_the_policys_attention_choice_serves_every_ppo_model(tokenizer_dir, tmp_path, reward_model_dir):
+    config = ppo_config(tmp_path / "run", tokenizer_dir, policy={"attn_implementation": "eager"},
+                        critic={"init": "reward"}, reward={"function": None, "model_path": reward_model_dir})
+    policy, tokenizer = load_causal_lm(policy_config(tokenizer_dir), seed=0)
+    assert policy.config._attn_implementation == "sdpa"  # passed in as loaded: the trainer switches it
+    trainer = RecordingTrainer(config, policy=policy, tokenizer=tokenizer, prompts=prompt_rows())
+    trainer.train()
+    models = {"policy": trainer.accelerator.unwrap_model(trainer.policy_model), "reference": trainer.reference,
+              "reward": trainer.reward_model.model, "critic": trainer.critic.model}
+    assert {name: model.config._attn_implementation for name, model in models.items()} == dict.fromkeys(models, "eager")
+    assert all(math.isfinite(call["policy_loss"]) for call in trainer.loss_calls)
+
+
 def test_critic_from_the_policy_starts_at_zero(tokenizer_dir, tmp_path):
     trainer = run_tiny_ppo(tmp_path, tokenizer_dir, critic={"init": "policy"})
     assert torch.equal(trainer.rollouts[0].values, torch.zeros_like(trainer.rollouts[0].values))

@@ -323,7 +323,7 @@ def per_example_losses(model, batch: dict, segments: list[list[tuple[int, int]]]
             for start, length in spans]
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt2-eager", "gpt_neox"])
 def test_a_packed_batch_gives_every_example_the_loss_and_gradient_of_the_padded_batch(tokenizer_dir, architecture):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -331,8 +331,9 @@ def test_a_packed_batch_gives_every_example_the_loss_and_gradient_of_the_padded_
     from rlhf.models import check_packing_support
 
     torch.manual_seed(0)
-    if architecture == "gpt2":
+    if architecture.startswith("gpt2"):  # eager attention: transformers builds the packed mask for it too
         model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=64))
+        model.set_attn_implementation("eager" if architecture.endswith("eager") else "sdpa")
     else:  # rotary positions: packing must restart them too
         model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=300, num_hidden_layers=2, num_attention_heads=2,
                                                  hidden_size=32, intermediate_size=64, max_position_embeddings=64))
@@ -377,18 +378,21 @@ def test_a_packed_batch_gives_every_example_the_loss_and_gradient_of_the_padded_
 def test_packed_sft_trains_the_loss_curve_of_padded_sft(tokenizer_dir, sft_files, tmp_path):
     train, evaluation = sft_files
     runs = {}
-    for packing in (False, True):
-        config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / f"packing-{packing}"),
+    # Padded; packed; packed through eager attention (model.attn_implementation), the same function again.
+    for packing, attention in ((False, None), (True, None), (True, "eager")):
+        config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / f"packing-{packing}-{attention}"),
                                  max_steps=6, eval_every=3, packing=packing)
+        config.model.attn_implementation = attention
         config.logging.num_samples = 0
         SFTTrainer(config).train()
-        runs[packing] = read_metrics(config.output_dir)
+        runs[packing, attention] = read_metrics(config.output_dir)
     for key in ("loss", "eval/loss", "grad_norm"):
-        padded = [m[key] for m in runs[False] if key in m]
-        packed = [m[key] for m in runs[True] if key in m]
-        assert len(padded) >= 3 and packed == pytest.approx(padded, rel=1e-4), key
-    tokens = [next(m["train_tokens"] for m in runs[packing] if "train_tokens" in m) for packing in (False, True)]
-    assert tokens[0] == tokens[1] > 0  # real tokens counted, not padding
+        padded = [m[key] for m in runs[False, None] if key in m]
+        for packed_run in (runs[True, None], runs[True, "eager"]):
+            packed = [m[key] for m in packed_run if key in m]
+            assert len(padded) >= 3 and packed == pytest.approx(padded, rel=1e-4), key
+    tokens = [next(m["train_tokens"] for m in run if "train_tokens" in m) for run in runs.values()]
+    assert tokens[0] == tokens[1] == tokens[2] > 0  # real tokens counted, not padding
 
 
 def test_packing_is_refused_for_a_model_that_attends_across_examples(tokenizer_dir, sft_files, tmp_path):

@@ -348,3 +348,26 @@ def test_prefix_sharing_with_gradient_checkpointing_needs_packing():
     config = load_config(RewardConfig, "configs/rm.yaml",
                          ["training.gradient_checkpointing=true", "prefix_sharing=true", "training.packing=true"])
     assert config.prefix_sharing and config.training.gradient_checkpointing
+
+
+# ----------------------------------------------------------------------------- model.attn_implementation
+
+@pytest.mark.parametrize("config_class, path, key", [("SFTConfig", "configs/sft.yaml", "model"),
+                                                     ("RewardConfig", "configs/rm.yaml", "model"),
+                                                     ("PPOConfig", "configs/ppo.yaml", "policy")])
+def test_flash_attention_in_full_precision_is_refused_naming_the_key(config_class, path, key):
+    import rlhf.config
+
+    config_type = getattr(rlhf.config, config_class)
+    with pytest.raises(UserError, match=rf"^{key}.attn_implementation: flash_attention_2 computes in fp16/bf16 only; "
+                                        r"set training.mixed_precision"):
+        load_config(config_type, path, [f"{key}.attn_implementation=flash_attention_2", "training.mixed_precision=no"])
+    config = load_config(config_type, path, [f"{key}.attn_implementation=flash_attention_2",
+                                             "training.mixed_precision=bf16"])
+    assert getattr(config, key).attn_implementation == "flash_attention_2"
+    assert getattr(load_config(config_type, path, []), key).attn_implementation is None  # the default: the model's own
+
+
+def test_empty_attn_implementation_is_refused(tmp_path):
+    message = load_error(tmp_path, overrides=["model.attn_implementation= "])
+    assert message.startswith("model.attn_implementation: empty")

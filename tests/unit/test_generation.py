@@ -151,6 +151,16 @@ def test_preallocated_cache_samples_what_the_growing_cache_samples(monkeypatch):
     assert (static_logprobs - growing_logprobs).abs().max() <= 1e-5
 
 
+def test_flash_attention_samples_on_the_growing_cache():
+    model = tiny_gpt2()
+    # What set_attn_implementation("flash_attention_2") records (the kernel itself needs a CUDA GPU): a static
+    # cache's unfilled slots would be attended to, so the sampler must not allocate one.
+    model.config._attn_implementation_internal = "flash_attention_2"
+    assert preallocated_cache(model, 20) is None
+    model.config._attn_implementation_internal = "eager"
+    assert type(preallocated_cache(model, 20)).__name__ == "StaticCache"
+
+
 def test_compiled_decode_step_samples_what_the_eager_one_samples_and_compiles_once():
     from torch._dynamo.utils import counters
 

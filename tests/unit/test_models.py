@@ -159,6 +159,59 @@ def test_fused_gelu_replaces_gpt2s_python_gelu_with_equal_outputs(tokenizer_dir,
     torch.testing.assert_close(fused(input_ids).logits, before, rtol=0, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- attention implementation
+
+def test_attn_implementation_switches_the_kernel_and_keeps_the_function(tokenizer_dir, tmp_path):
+    default, _ = load_causal_lm(tiny_model_config(tokenizer_dir), seed=0)
+    assert default.config._attn_implementation == "sdpa"  # transformers' default for its own architectures
+    config = tiny_model_config(tokenizer_dir)
+    config.attn_implementation = "eager"
+    eager, tokenizer = load_causal_lm(config, seed=0)
+    assert eager.config._attn_implementation == "eager"
+    # Same weights, same function: a left-padded batch gives the same logits at every real position.
+    input_ids = torch.arange(3, 19).reshape(2, 8)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = [m(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+              for m in (default, eager)]
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits[1][real], logits[0][real], rtol=0, atol=1e-5)
+    # The scalar-head models get it too, and a checkpoint does not keep it (it is the run's choice).
+    scalar = load_scalar_model(config, tokenizer)
+    assert scalar.model.config._attn_implementation == "eager"
+    assert scalar.model.base_model.config._attn_implementation == "eager"
+    eager.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_an_attention_the_model_cannot_run_is_one_line_naming_the_key(tokenizer_dir):
+    import importlib.util
+
+    config = tiny_model_config(tokenizer_dir)
+    config.attn_implementation = "no_such_kernel"
+    with pytest.raises(UserError, match=r"^policy.attn_implementation: .*no_such_kernel") as caught:
+        load_causal_lm(config, block="policy")
+    assert "\n" not in str(caught.value)
+    if importlib.util.find_spec("flash_attn") is None:  # always so on a CPU machine: the package needs CUDA
+        config.attn_implementation = "flash_attention_2"
+        with pytest.raises(UserError, match=r"^model.attn_implementation: .*FlashAttention2.*installed; pip install "
+                                            r"'rlhf\[flash-attn\]'") as caught:
+            load_scalar_model(config, load_tokenizer(config))
+        assert "\n" not in str(caught.value)
+
+
+def test_a_model_that_cannot_switch_its_attention_is_refused(tokenizer_dir):
+    from rlhf.models.backbone import set_attention_implementation
+
+    model, _ = load_causal_lm(tiny_model_config(tokenizer_dir), seed=0)
+    set_attention_implementation(model, "sdpa", "model.attn_implementation")  # already so: nothing to do
+    model._can_set_attn_implementation = lambda: False  # what remote code without the attention interface reports
+    with pytest.raises(UserError, match=r"^model.attn_implementation: GPT2LMHeadModel cannot switch its attention"):
+        set_attention_implementation(model, "eager", "model.attn_implementation")
+    assert model.config._attn_implementation == "sdpa"
+
+
 # ----------------------------------------------------------------------------- scalar head
 
 @pytest.fixture(scope="module")
