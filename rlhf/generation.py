@@ -8,7 +8,7 @@ import inspect
 import torch
 
 from rlhf.data import pad_left
-from rlhf.models.backbone import eager_blocks
+from rlhf.models.backbone import eager_blocks, full_precision_attention, half_precision_attention
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
         chunk = prompt_ids[start:start + batch_size]
         input_ids = pad_left(chunk, tokenizer.pad_token_id).to(device)
         attention_mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
-        with eager_blocks():
+        with eager_blocks(), full_precision_attention(model):
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                     do_sample=do_sample, temperature=temperature if do_sample else None,
                                     top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
@@ -85,54 +85,57 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     """
     from rlhf.functional import exclusive_cumsum_positions
 
-    # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
-    forward_parameters = inspect.signature(model.forward).parameters
-    cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
-    batch_size, prompt_len = prompt_ids.shape
-    # A key/value cache allocated once for the whole response: no torch.cat of every layer's cache per token.
-    # Only with the cache API this was tested on (the `cache` argument): older releases need cache
-    # positions passed by hand for a static cache.
-    cache = preallocated_cache(model, prompt_len + max_new_tokens) if cache_argument == "cache" else None
-    if cache is not None:
-        # With a static cache the mask is allocated at full length too (future columns 0), so every
-        # decode step sees the same shapes: nothing to re-trace for a compiled step.
-        attention_mask = prompt_mask.new_zeros(batch_size, prompt_len + max_new_tokens)
-        attention_mask[:, :prompt_len] = prompt_mask
-    else:
-        attention_mask = prompt_mask.clone()
-    positions = exclusive_cumsum_positions(prompt_mask)
-    # Only the last prompt position's logits are read: skip the vocabulary projection of the others.
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
-    with eager_blocks():  # compiled blocks would re-trace per layer on a cache (see eager_blocks)
-        output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                       **keep_last, **({cache_argument: cache} if cache is not None else {}))
-    cache, next_logits = output[cache_argument], output.logits[:, -1]
-    compiled = compile_mode is not None
-    step = decode_step
-    if compiled:
-        step = torch.compile(decode_step, **({} if compile_mode == "default" else {"mode": compile_mode}))
-    next_position = prompt_mask.sum(-1, keepdim=True)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
-    tokens, logprobs = [], []
-    for index in range(max_new_tokens):
-        scaled = next_logits.float() / temperature
-        probabilities = filter_logits(scaled, top_k, top_p).softmax(-1)
-        token = draw_tokens(probabilities, generator)
-        token_logprob = scaled.log_softmax(-1).gather(1, token.unsqueeze(1)).squeeze(1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        tokens.append(token)
-        logprobs.append(token_logprob)
-        finished |= token == eos_token_id
-        if bool(finished.all()) or index == max_new_tokens - 1:
-            break
-        if attention_mask.shape[1] > prompt_len + index:  # static: fill the column
-            attention_mask[:, prompt_len + index] = 1
+    # fp32 forwards: a model set to a half-precision-only (flash) kernel samples through SDPA.
+    with full_precision_attention(model):
+        # transformers >= 5.2x names the KV cache argument `cache`; older releases `past_key_values`.
+        forward_parameters = inspect.signature(model.forward).parameters
+        cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        batch_size, prompt_len = prompt_ids.shape
+        # A key/value cache allocated once for the whole response: no torch.cat of every layer's cache per token.
+        # Only with the cache API this was tested on (the `cache` argument): older releases need cache
+        # positions passed by hand for a static cache.
+        cache = preallocated_cache(model, prompt_len + max_new_tokens) if cache_argument == "cache" else None
+        if cache is not None:
+            # With a static cache the mask is allocated at full length too (future columns 0), so every
+            # decode step sees the same shapes: nothing to re-trace for a compiled step.
+            attention_mask = prompt_mask.new_zeros(batch_size, prompt_len + max_new_tokens)
+            attention_mask[:, :prompt_len] = prompt_mask
         else:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        with contextlib.nullcontext() if compiled else eager_blocks():
-            next_logits, cache = step(model, token.unsqueeze(1), attention_mask, next_position, cache, cache_argument)
-        next_position = next_position + 1
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+            attention_mask = prompt_mask.clone()
+        positions = exclusive_cumsum_positions(prompt_mask)
+        # Only the last prompt position's logits are read: skip the vocabulary projection of the others.
+        keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+        with eager_blocks():  # compiled blocks would re-trace per layer on a cache (see eager_blocks)
+            output = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                           **keep_last, **({cache_argument: cache} if cache is not None else {}))
+        cache, next_logits = output[cache_argument], output.logits[:, -1]
+        compiled = compile_mode is not None
+        step = decode_step
+        if compiled:
+            step = torch.compile(decode_step, **({} if compile_mode == "default" else {"mode": compile_mode}))
+        next_position = prompt_mask.sum(-1, keepdim=True)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
+        tokens, logprobs = [], []
+        for index in range(max_new_tokens):
+            scaled = next_logits.float() / temperature
+            probabilities = filter_logits(scaled, top_k, top_p).softmax(-1)
+            token = draw_tokens(probabilities, generator)
+            token_logprob = scaled.log_softmax(-1).gather(1, token.unsqueeze(1)).squeeze(1)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            tokens.append(token)
+            logprobs.append(token_logprob)
+            finished |= token == eos_token_id
+            if bool(finished.all()) or index == max_new_tokens - 1:
+                break
+            if attention_mask.shape[1] > prompt_len + index:  # static: fill the column
+                attention_mask[:, prompt_len + index] = 1
+            else:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            with contextlib.nullcontext() if compiled else eager_blocks():
+                next_logits, cache = step(model, token.unsqueeze(1), attention_mask, next_position, cache,
+                                          cache_argument)
+            next_position = next_position + 1
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
 
 
 def draw_tokens(probabilities: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -170,9 +173,9 @@ def preallocated_cache(model, max_length: int):
     """
     if not getattr(model, "_can_compile_fullgraph", False):
         return None
-    # Flash-attention kernels do not mask a static cache's unfilled slots (transformers#32040): the growing
-    # cache is their only correct path.
-    if "flash" in str(getattr(model.config, "_attn_implementation", None) or ""):
+    # Flash-attention kernels do not mask a static cache's unfilled slots (transformers#32040); the sampler
+    # runs them through SDPA (full_precision_attention), so this guards direct callers.
+    if half_precision_attention(model):
         return None
     from transformers import StaticCache
 

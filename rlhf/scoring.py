@@ -18,7 +18,7 @@ from rlhf.data import check_text, load_table, pad_right, require_columns
 from rlhf.errors import UserError
 from rlhf.models import ScalarHeadModel, load_tokenizer
 from rlhf.models import load_reward_model as load_trained_reward_model
-from rlhf.models.backbone import context_size
+from rlhf.models.backbone import context_size, full_precision_attention
 from rlhf.preference import encode_prompt, encode_response
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,13 @@ def raw_scores(model: ScalarHeadModel, sequences: list[list[int]], pad_token_id:
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = [0.0] * len(sequences)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        input_ids = pad_right([sequences[i] for i in chunk], pad_token_id).to(device)
-        attention_mask = pad_right([[1] * len(sequences[i]) for i in chunk], 0).to(device)
-        for index, value in zip(chunk, model.raw_score(input_ids, attention_mask).tolist()):
-            scores[index] = value
+    with full_precision_attention(model):  # fp32 forwards: not through a half-precision-only kernel
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            input_ids = pad_right([sequences[i] for i in chunk], pad_token_id).to(device)
+            attention_mask = pad_right([[1] * len(sequences[i]) for i in chunk], 0).to(device)
+            for index, value in zip(chunk, model.raw_score(input_ids, attention_mask).tolist()):
+                scores[index] = value
     model.train(was_training)
     return scores
 

@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
@@ -252,6 +253,39 @@ def eager_blocks():
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
+def half_precision_attention(model: torch.nn.Module) -> str | None:
+    """The attention implementation of ``model`` (or of the model a DDP, peft or scalar-head wrapper holds)
+    when it is a flash-attention kernel, which computes in fp16/bf16 only; else None."""
+    inner = getattr(model, "module", model)
+    name = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    return name if isinstance(name, str) and "flash" in name else None
+
+
+@contextlib.contextmanager
+def full_precision_attention(model: torch.nn.Module) -> Iterator[None]:
+    """A context for forwards in fp32 outside autocast (sampling, text generation, scoring, the packing
+    probe): a model set to a flash-attention kernel (``model.attn_implementation``) attends through SDPA
+    meanwhile, as the kernel takes half precision only; any other model runs as it is.
+
+    transformers reads the implementation from the config at every call, so the switch costs nothing
+    and the weights stay where they are.
+    """
+    name = half_precision_attention(model)
+    if name is None:
+        yield
+        return
+    inner = getattr(model, "module", model)
+    supports_sdpa = getattr(inner, "_supports_sdpa", None)  # a class attribute of transformers' models
+    if supports_sdpa is None:  # a scalar-head wrapper: ask the model it holds
+        supports_sdpa = getattr(getattr(inner, "model", None), "_supports_sdpa", True)
+    config = inner.config
+    config._attn_implementation = "sdpa" if supports_sdpa else "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = name
+
+
 def build_fresh_gpt2(architecture: ArchitectureConfig, tokenizer) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 whose vocabulary is the tokenizer's."""
     config = GPT2Config(
@@ -346,6 +380,8 @@ def check_packing_support(model: torch.nn.Module) -> None:
     give the logits they give run one by one. transformers' own architectures read the example
     boundaries from the position ids (``masking_utils``, transformers >= 4.5x); a model that ignores them
     would let each example attend to the one before it and train on a silently different objective.
+    The probe runs in fp32, so a model set to flash attention runs it through SDPA: the kernel's
+    variable-length path takes its boundaries from the same position ids, which transformers hands it.
     """
     vocab = model.get_input_embeddings().num_embeddings
     device = next(model.parameters()).device
@@ -354,9 +390,11 @@ def check_packing_support(model: torch.nn.Module) -> None:
     was_training = model.training
     model.eval()
     try:
-        alone = torch.cat([model(input_ids=ids, use_cache=False).logits for ids in (first, second)], dim=1).float()
-        positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device)
-        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits.float()
+        with full_precision_attention(model):
+            alone = torch.cat([model(input_ids=ids, use_cache=False).logits for ids in (first, second)], dim=1).float()
+            positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device)
+            packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions,
+                           use_cache=False).logits.float()
     finally:
         model.train(was_training)
     if packing_changed_outputs(alone, packed):

@@ -30,7 +30,7 @@ from rlhf.errors import UserError
 from rlhf.functional import exclusive_cumsum_positions, last_valid_index
 from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, compile_blocks, eager_blocks,
                                   enable_gradient_checkpointing, ensure_pad_token, from_pretrained_or_error,
-                                  packing_changed_outputs)
+                                  half_precision_attention, packing_changed_outputs)
 from rlhf.models.lora import apply_lora, has_lora, save_hf_model
 
 
@@ -192,6 +192,10 @@ def check_segment_mask_support(model: ScalarHeadModel) -> None:
     """
     from rlhf.preference import collate_preferences_packed  # preference builds on rlhf.data, not on models
 
+    kernel = half_precision_attention(model)
+    if kernel is not None:  # flash attention takes no 4D mask: it would attend across the segments
+        raise UserError(f"training.packing: the reward model's packed rows need an attention that applies a 4D mask "
+                        f"(sdpa, eager), not model.attn_implementation={kernel}; set training.packing=false")
     trunk = model.model.base_model
     vocab = trunk.get_input_embeddings().num_embeddings
     device = next(model.parameters()).device

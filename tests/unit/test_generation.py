@@ -151,14 +151,33 @@ def test_preallocated_cache_samples_what_the_growing_cache_samples(monkeypatch):
     assert (static_logprobs - growing_logprobs).abs().max() <= 1e-5
 
 
-def test_flash_attention_samples_on_the_growing_cache():
+def test_a_model_set_to_flash_attention_samples_through_sdpa_in_fp32():
+    from rlhf.generation import generate_responses
+
     model = tiny_gpt2()
-    # What set_attn_implementation("flash_attention_2") records (the kernel itself needs a CUDA GPU): a static
-    # cache's unfilled slots would be attended to, so the sampler must not allocate one.
-    model.config._attn_implementation_internal = "flash_attention_2"
-    assert preallocated_cache(model, 20) is None
-    model.config._attn_implementation_internal = "eager"
-    assert type(preallocated_cache(model, 20)).__name__ == "StaticCache"
+    _, _, expected_ids, expected_logprobs = sample(model)
+    # What set_attn_implementation("flash_attention_2") records. The kernel takes fp16/bf16 only (and needs a
+    # CUDA GPU): an fp32 forward through it fails, here on CPU as it would on a GPU.
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        model(torch.tensor([PROMPTS[0]]))
+    except Exception:
+        pass
+    else:
+        raise AssertionError("the negative control ran: an fp32 forward reached no flash kernel")
+    _, _, ids, logprobs = sample(model)  # the sampler switches to SDPA for its fp32 forwards
+    assert torch.equal(ids, expected_ids) and torch.equal(logprobs, expected_logprobs)
+    assert model.config._attn_implementation == "flash_attention_2"  # and back
+    assert preallocated_cache(model, 20) is None  # a static cache is no path for the kernel itself
+
+    class Tokenizer:  # what generate_responses reads of a tokenizer
+        pad_token_id, eos_token_id = PAD, EOS
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    texts = generate_responses(model, Tokenizer(), PROMPTS, max_new_tokens=5)
+    assert len(texts) == len(PROMPTS) and model.config._attn_implementation == "flash_attention_2"
 
 
 def test_compiled_decode_step_samples_what_the_eager_one_samples_and_compiles_once():

@@ -212,6 +212,34 @@ def test_a_model_that_cannot_switch_its_attention_is_refused(tokenizer_dir):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_fp32_forwards_of_a_flash_attention_model_run_through_sdpa(tokenizer_dir):
+    from rlhf.models import check_packing_support, check_segment_mask_support
+    from rlhf.models.backbone import full_precision_attention
+    from rlhf.scoring import raw_scores
+
+    model, tokenizer = load_causal_lm(tiny_model_config(tokenizer_dir), seed=0)
+    scalar = ScalarHeadModel.from_causal_lm(model, head_init="normal")
+    input_ids = torch.arange(3, 19).reshape(2, 8)
+    expected_logits = model(input_ids).logits
+    sequences = [list(range(3, 12)), list(range(5, 9))]
+    expected_scores = raw_scores(scalar, sequences, tokenizer.pad_token_id)
+    for flagged in (model, scalar):  # set_attn_implementation("flash_attention_2") records this (CUDA only)
+        flagged.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(Exception):  # the negative control: an fp32 forward through the kernel fails
+        model(input_ids)
+    with full_precision_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+        torch.testing.assert_close(model(input_ids).logits, expected_logits, rtol=0, atol=0)
+    assert model.config._attn_implementation == "flash_attention_2"
+    assert raw_scores(scalar, sequences, tokenizer.pad_token_id) == expected_scores
+    check_packing_support(model)  # the packing probe runs in fp32 too: through SDPA, and passes
+    # The reward model's packed rows need a 4D mask, which a flash kernel does not take: refused, not probed.
+    with pytest.raises(UserError, match=r"^training.packing: the reward model's packed rows need an attention that "
+                                        r"applies a 4D mask .*model.attn_implementation=flash_attention_2"):
+        check_segment_mask_support(scalar)
+    assert scalar.config._attn_implementation == "flash_attention_2"
+
+
 # ----------------------------------------------------------------------------- scalar head
 
 @pytest.fixture(scope="module")
