@@ -91,9 +91,11 @@ class ModelConfig:
     attn_implementation: str | None = param(None, help=(
         "attention kernel, by transformers' name: null keeps the model's default (sdpa for transformers' own "
         "architectures); eager; sdpa; flash_attention_2 or flash_attention_3 (CUDA, half precision through "
-        "training.mixed_precision; pip install 'rlhf[flash-attn]' --no-build-isolation): with SFT's training.packing, packed rows then "
-        "run through flash-attention's variable-length kernel; or a kernels-hub repository (needs the kernels "
-        "package). In PPO the policy's choice also applies to the reference, the reward model and the critic"))
+        "training.mixed_precision, pip install 'rlhf[flash-attn]' --no-build-isolation; forwards made in fp32, "
+        "such as PPO's sampling, run through sdpa meanwhile; with SFT's training.packing, packed rows run through "
+        "flash-attention's variable-length kernel; the reward model's packing needs sdpa or eager); or a "
+        "kernels-hub repository (needs the kernels package). In PPO the policy's choice also applies to the "
+        "reference, the reward model and the critic"))
     disable_dropout: bool = param(True, help="set every dropout probability to 0 (RLHF practice, docs/ppo.md#35)")
     fused_gelu: bool = param(True, help=(
         "run GPT-2's python tanh GELU ('gelu_new') as torch's fused kernel: the same function up to float "
@@ -286,7 +288,7 @@ class RewardConfig:
             problems += model_problems(self.model, "model")
             if self.head_init == "keep" and self.model.from_config is not None:
                 problems.append("head_init: keep needs a trained reward model in model.name_or_path, not from_config")
-        problems += attention_problems(self.model, self.training, "model")
+        problems += attention_problems(self.model, self.training, "model", packs_with_mask=True)
         if not self.data.path and not data_given:
             problems.append("data.path: required; give a hub dataset name or a local preference data file")
         for ours in self.data.columns:
@@ -330,13 +332,21 @@ def model_problems(model: ModelConfig, prefix: str) -> list[str]:
     return problems
 
 
-def attention_problems(model: ModelConfig, training: TrainingConfig, prefix: str) -> list[str]:
-    """``{prefix}.attn_implementation`` against the precision: flash-attention kernels take fp16/bf16 only."""
+def attention_problems(model: ModelConfig, training: TrainingConfig, prefix: str,
+                       packs_with_mask: bool = False) -> list[str]:
+    """``{prefix}.attn_implementation`` against the rest: flash-attention kernels compute in fp16/bf16 only
+    and apply no 4D mask (``packs_with_mask``: the reward model's packed rows need one)."""
     name = model.attn_implementation or ""
-    if name.startswith("flash_attention") and training.mixed_precision == "no":
-        return [f"{prefix}.attn_implementation: {name} computes in fp16/bf16 only; set training.mixed_precision "
-                "to bf16 (or fp16, or auto on a GPU that has bf16)"]
-    return []
+    if "flash" not in name:
+        return []
+    problems = []
+    if training.mixed_precision == "no":
+        problems.append(f"{prefix}.attn_implementation: {name} computes in fp16/bf16 only; set "
+                        "training.mixed_precision to bf16 (or fp16, or auto on a GPU that has bf16)")
+    if packs_with_mask and training.packing:
+        problems.append(f"{prefix}.attn_implementation: {name} applies no 4D attention mask, which the reward "
+                        "model's packed rows need; use sdpa or eager, or set training.packing=false")
+    return problems
 
 
 def collect_field_problems(config: Any, prefix: str = "") -> list[str]:

@@ -368,6 +368,17 @@ def test_flash_attention_in_full_precision_is_refused_naming_the_key(config_clas
     assert getattr(load_config(config_type, path, []), key).attn_implementation is None  # the default: the model's own
 
 
+def test_flash_attention_with_reward_model_packing_is_refused():
+    from rlhf.config import RewardConfig
+
+    with pytest.raises(UserError, match=r"^model.attn_implementation: flash_attention_2 applies no 4D attention mask"):
+        load_config(RewardConfig, "configs/rm.yaml", ["model.attn_implementation=flash_attention_2",
+                                                      "training.mixed_precision=bf16", "training.packing=true"])
+    config = load_config(SFTConfig, "configs/sft.yaml", ["model.attn_implementation=flash_attention_2",
+                                                         "training.mixed_precision=bf16", "training.packing=true"])
+    assert config.training.packing  # SFT packs through position ids, which the kernel reads
+
+
 def test_empty_attn_implementation_is_refused(tmp_path):
     message = load_error(tmp_path, overrides=["model.attn_implementation= "])
     assert message.startswith("model.attn_implementation: empty")
