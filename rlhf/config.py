@@ -332,12 +332,18 @@ def model_problems(model: ModelConfig, prefix: str) -> list[str]:
     return problems
 
 
+def half_precision_only(attn_implementation: str | None) -> bool:
+    """Whether transformers' attention implementation of that name is a flash-attention kernel (flash_attention_2/3,
+    a kernels-hub flash repository): those compute in fp16/bf16 only and apply no 4D mask."""
+    return "flash" in (attn_implementation or "")
+
+
 def attention_problems(model: ModelConfig, training: TrainingConfig, prefix: str,
                        packs_with_mask: bool = False) -> list[str]:
     """``{prefix}.attn_implementation`` against the rest: flash-attention kernels compute in fp16/bf16 only
     and apply no 4D mask (``packs_with_mask``: the reward model's packed rows need one)."""
-    name = model.attn_implementation or ""
-    if "flash" not in name:
+    name = model.attn_implementation
+    if not half_precision_only(name):
         return []
     problems = []
     if training.mixed_precision == "no":

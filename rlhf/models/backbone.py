@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from rlhf.config import ArchitectureConfig, ModelConfig
+from rlhf.config import ArchitectureConfig, ModelConfig, half_precision_only
 from rlhf.errors import UserError
 from rlhf.models.lora import is_adapter_checkpoint, load_adapter_checkpoint
 
@@ -258,7 +258,7 @@ def half_precision_attention(model: torch.nn.Module) -> str | None:
     when it is a flash-attention kernel, which computes in fp16/bf16 only; else None."""
     inner = getattr(model, "module", model)
     name = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-    return name if isinstance(name, str) and "flash" in name else None
+    return name if isinstance(name, str) and half_precision_only(name) else None
 
 
 @contextlib.contextmanager
