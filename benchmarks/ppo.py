@@ -103,6 +103,7 @@ def main() -> None:
             "generated_tokens_per_s": round(generated / runtime, 2),
             # null in the config means "from sampling where exact"; the trainer keeps what it resolved
             "logprobs_from_generation": getattr(trainer, "logprobs_from_generation", config.ppo.logprobs_from_generation),
+            "cpu_packed_weights": config.sampling.cpu_packed_weights,  # the sampler's oneDNN path (rlhf.models.onednn)
             "final_loss": round(record["policy_loss"], 4),
             "final_value_loss": round(record["value_loss"], 4),
             **common.run_fields(manifest, cpu, THREADS, config.training),

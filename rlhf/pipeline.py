@@ -31,6 +31,7 @@ from rlhf.errors import Preempted, RunStopped, UserError
 from rlhf.generation import sample_with_logprobs
 from rlhf.logs import attach_run_log
 from rlhf.models import load_causal_lm
+from rlhf.models.onednn import packed_cpu_linears
 from rlhf.trainers.ppo import PPOTrainer, load_reward_function
 from rlhf.trainers.reward import RewardTrainer
 from rlhf.trainers.sft import SFTTrainer
@@ -225,11 +226,13 @@ def read_prompts(path: str, tokenizer, limit: int) -> tuple[list[str], list[list
 
 @torch.no_grad()
 def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: int, temperature: float,
-                     max_new_tokens: int, batch_size: int, seed: int, keep: list | None = None) -> list[list[str]]:
+                     max_new_tokens: int, batch_size: int, seed: int, keep: list | None = None,
+                     cpu_packed_weights: bool = True) -> list[list[str]]:
     """``num_samples`` responses per prompt from the causal LM at ``model_path`` (text without EOS).
 
     ``keep``: if a list, each batch's (prompt indices, (prompts, prompt mask, response ids, logprobs))
-    is appended to it.
+    is appended to it. ``cpu_packed_weights``: on a CPU, decode through oneDNN on weights packed once for the
+    whole call (``ppo.sampling.cpu_packed_weights``; ``rlhf.models.onednn``).
     """
     model, tokenizer = load_causal_lm(ModelConfig(name_or_path=model_path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,19 +240,21 @@ def sample_responses(model_path: str, prompt_ids: list[list[int]], num_samples: 
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     responses: list[list[str]] = [[] for _ in prompt_ids]
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start:start + batch_size]
-        prompts = pad_left(chunk, tokenizer.pad_token_id).to(device)
-        mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
-        for _ in range(num_samples):
-            tokens, logprobs = sample_with_logprobs(model, prompts, mask, max_new_tokens, temperature, 0, 1.0,
-                                                    tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-            if keep is not None:
-                keep.append((range(start, start + len(chunk)), (prompts, mask, tokens, logprobs)))
-            for offset, row in enumerate(tokens.tolist()):
-                kept = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
-                responses[start + offset].append(
-                    tokenizer.decode([t for t in kept if t != tokenizer.pad_token_id], skip_special_tokens=True))
+    with packed_cpu_linears(model, cpu_packed_weights):  # packed once here; the sampler finds them packed
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start:start + batch_size]
+            prompts = pad_left(chunk, tokenizer.pad_token_id).to(device)
+            mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
+            for _ in range(num_samples):
+                tokens, logprobs = sample_with_logprobs(model, prompts, mask, max_new_tokens, temperature, 0, 1.0,
+                                                        tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+                                                        cpu_packed_weights=cpu_packed_weights)
+                if keep is not None:
+                    keep.append((range(start, start + len(chunk)), (prompts, mask, tokens, logprobs)))
+                for offset, row in enumerate(tokens.tolist()):
+                    kept = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+                    responses[start + offset].append(
+                        tokenizer.decode([t for t in kept if t != tokenizer.pad_token_id], skip_special_tokens=True))
     return responses
 
 
@@ -281,7 +286,7 @@ def collect_comparisons(config: PipelineConfig, policy_path: str, round_dir: str
     seed = config.sft.training.seed * 1000 + (1 if held_out else 10 * round_index)
     num_samples = feedback.eval_responses_per_prompt if held_out else feedback.responses_per_prompt
     responses = sample_responses(policy_path, ids, num_samples, temperature, feedback.max_new_tokens,
-                                 feedback.batch_size, seed)
+                                 feedback.batch_size, seed, cpu_packed_weights=config.ppo.sampling.cpu_packed_weights)
     labeler = load_reward_function(feedback.labeler, key="feedback.labeler")
     if held_out:
         # Every pair of a prompt's responses, each labelled without noise: RM accuracy on them is
@@ -339,7 +344,8 @@ def evaluate_policies(config: PipelineConfig, sft_path: str, ppo_path: str, rewa
     for name, path in (("sft", sft_path), ("ppo", ppo_path)):
         responses = [response for group in sample_responses(
             path, ids, per_prompt, evaluation.temperature, evaluation.max_new_tokens, config.feedback.batch_size,
-            seed, keep=ppo_samples if name == "ppo" else None) for response in group]
+            seed, keep=ppo_samples if name == "ppo" else None,
+            cpu_packed_weights=config.ppo.sampling.cpu_packed_weights) for response in group]
         proxy = score_texts(reward_model, reward_tokenizer, prompts, responses)
         gold_scores = gold(prompts, responses) if gold else [float("nan")] * len(prompts)
         scored[name] = (responses, proxy, gold_scores)

@@ -17,6 +17,7 @@ from rlhf.models.backbone import (
 )
 from rlhf.models.heads import (ScalarHeadModel, check_segment_mask_support, checkpoint_architectures, has_trained_head,
                                load_reward_model, load_scalar_model, make_trainable, save_merged)
+from rlhf.models.onednn import packed_cpu_linears
 
 __all__ = [
     "PAD_TOKEN", "ScalarHeadModel", "adopt_model", "build_fresh_gpt2", "check_packing_support",
@@ -24,5 +25,5 @@ __all__ = [
     "checkpoint_architectures", "compile_blocks", "disable_dropout",
     "ensure_pad_token", "has_trained_head", "kept_logits", "load_causal_lm", "load_reward_model", "load_scalar_model",
     "load_tokenizer",
-    "make_trainable", "resolve_max_length", "save_merged", "transformer_blocks", "use_fused_gelu",
+    "make_trainable", "packed_cpu_linears", "resolve_max_length", "save_merged", "transformer_blocks", "use_fused_gelu",
 ]

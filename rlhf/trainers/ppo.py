@@ -549,7 +549,8 @@ class PPOTrainer:
         return sample_with_logprobs(policy, prompt_ids, prompt_mask, sampling.max_new_tokens, sampling.temperature,
                                     sampling.top_k, sampling.top_p, self.tokenizer.eos_token_id,
                                     self.tokenizer.pad_token_id, generator,
-                                    compile_mode=training.compile_mode if training.compile else None)
+                                    compile_mode=training.compile_mode if training.compile else None,
+                                    cpu_packed_weights=sampling.cpu_packed_weights)
 
     def score(self, prompt_texts: list[str], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
               response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

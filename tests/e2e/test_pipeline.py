@@ -156,7 +156,7 @@ def test_feedback_samples_at_the_ppo_temperature_unless_set_and_a_change_recolle
 
     temperatures = []
 
-    def fake_sample(model_path, prompt_ids, num_samples, temperature, *args):
+    def fake_sample(model_path, prompt_ids, num_samples, temperature, *args, **kwargs):
         temperatures.append(temperature)
         # Different gold scores (each repeated word costs), so the labeler has preferences to give.
         return [["The old harbor is" + " calm" * (i + 1) + "." for i in range(num_samples)] for _ in prompt_ids]

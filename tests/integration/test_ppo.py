@@ -781,6 +781,39 @@ def test_gradient_checkpointing_leaves_the_ppo_losses_unchanged(tokenizer_dir, t
         assert with_checkpoints == pytest.approx(without, abs=1e-6)
 
 
+def test_packed_cpu_weights_sample_the_same_rollouts(tokenizer_dir, tmp_path, monkeypatch):
+    # sampling.cpu_packed_weights (rlhf.models.onednn): the sampler decodes through oneDNN on packed weights when
+    # on, its own MKL path when off; the rollouts and the losses agree up to float rounding.
+    import contextlib
+
+    import rlhf.generation
+    from rlhf.models.onednn import onednn_linear_available
+    if not onednn_linear_available():
+        pytest.skip("this torch has no oneDNN")
+    real = rlhf.generation.packed_cpu_linears
+    packed_layers = []
+
+    @contextlib.contextmanager
+    def counting(model, enabled=True):
+        with real(model, enabled) as count:
+            packed_layers.append(count)
+            yield count
+
+    monkeypatch.setattr(rlhf.generation, "packed_cpu_linears", counting)
+    runs = {}
+    for packed in (False, True):
+        packed_layers.clear()
+        trainer = run_tiny_ppo(tmp_path / str(packed), tokenizer_dir, sampling={"cpu_packed_weights": packed},
+                               training={"max_steps": 2})
+        assert packed_layers and set(packed_layers) == ({2 * 4 + 1} if packed else {0})  # 2 blocks + lm_head
+        runs[packed] = trainer
+    for with_packing, without in zip(runs[True].rollouts, runs[False].rollouts):
+        assert torch.equal(with_packing.response_ids, without.response_ids)
+        torch.testing.assert_close(with_packing.logprobs, without.logprobs, atol=1e-5, rtol=0)
+    for with_packing, without in zip(runs[True].loss_calls, runs[False].loss_calls):
+        assert with_packing == pytest.approx(without, abs=1e-5)
+
+
 def test_lora_dropout_is_refused_in_ppo(tokenizer_dir, tmp_path):
     from rlhf.config import LoraConfig
 
