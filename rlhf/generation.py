@@ -24,19 +24,21 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
     model.eval()
     device = next(model.parameters()).device
     responses = []
-    for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start:start + batch_size]
-        input_ids = pad_left(chunk, tokenizer.pad_token_id).to(device)
-        attention_mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
-        with eager_blocks(), full_precision_attention(model), packed_cpu_linears(model, cpu_packed_weights):
+    # Entered once for all batches: the weights are packed once, not per batch.
+    with eager_blocks(), full_precision_attention(model), packed_cpu_linears(model, cpu_packed_weights):
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start:start + batch_size]
+            input_ids = pad_left(chunk, tokenizer.pad_token_id).to(device)
+            attention_mask = pad_left([[1] * len(p) for p in chunk], 0).to(device)
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                     do_sample=do_sample, temperature=temperature if do_sample else None,
                                     top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row in output[:, input_ids.shape[1]:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            responses.append(tokenizer.decode([t for t in row if t != tokenizer.pad_token_id], skip_special_tokens=True))
+            for row in output[:, input_ids.shape[1]:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[:row.index(tokenizer.eos_token_id)]
+                responses.append(tokenizer.decode([t for t in row if t != tokenizer.pad_token_id],
+                                                  skip_special_tokens=True))
     model.train(was_training)
     return responses
 
