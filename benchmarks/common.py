@@ -386,12 +386,16 @@ def workload_data(root: Path, scratch: Path, name: str, fields: tuple[str, ...],
 def run_fields(manifest: dict, cpu: dict, threads: int, training) -> dict:
     """The fields every stage's result line ends with: optimizer, memory, CPU contamination, threads,
     versions, workload. ``optim`` uses transformers' names, as the TRL anchors report theirs."""
+    from rlhf.allocator import glibc, tuned_by_environment
     from rlhf.training import uses_fused_adamw
 
     return {
         "optim": "adamw_torch_fused" if uses_fused_adamw(training, "cpu") else "adamw_torch",
         "compile": training.compile,  # the speed keys of the "best" rows (compare.py's BEST_KEYS)
         "packing": training.packing,
+        # whether freed memory stayed in the process (training.keep_freed_memory, applied on glibc only and
+        # not when the environment tunes malloc); the anchors run on the C library's defaults
+        "keep_freed_memory": training.keep_freed_memory and glibc() is not None and tuned_by_environment() is None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "cpu": cpu,
         "threads": threads,

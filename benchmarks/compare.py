@@ -503,6 +503,10 @@ Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `benchmarks/anchors/
   benchmarks/configs/, as the ceiling's length-sorted batches; the same rows, in another order);
   everything else the workload leaves open takes the library's defaults (`prefix_sharing`,
   `ppo.logprobs_from_generation`); each JSON line records them.
+- Our trainers keep the memory freed during training in the process for the next step
+  (`training.keep_freed_memory`, default: glibc's `mallopt`, set for the length of `train()`);
+  the anchors run on glibc's malloc defaults, which TRL leaves alone. Each JSON line of ours records
+  `keep_freed_memory`.
 
 ## Versions
 {chr(10).join(versions_text(lines))}

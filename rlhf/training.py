@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from transformers import PreTrainedModel
 
+from rlhf.allocator import freed_memory_kept
 from rlhf.config import LoggingConfig, TrainingConfig, flatten, save_config, to_dict
 from rlhf.errors import NonFiniteValue, Preempted, RunStopped, UserError
 from rlhf.logs import attach_run_log
@@ -453,13 +454,15 @@ def releasing_locks() -> Iterator[None]:
 def stops_gracefully(train: Callable) -> Callable:
     """Decorate a trainer's ``train``: SIGTERM/SIGINT then stop it at a step boundary with a checkpoint, and
     a stopped run says how to continue it (``rlhf <trainer.command> --config <output_dir>/config.yaml --resume``).
-    The output directory's lock is released when ``train`` returns or raises."""
+    The output directory's lock is released when ``train`` returns or raises. While it runs, freed memory stays
+    in the process for the next step (``training.keep_freed_memory``, ``rlhf.allocator``)."""
     import functools
 
     @functools.wraps(train)
     def wrapper(trainer, *args, **kwargs):
         try:
-            with STOP_SIGNALS.installed(), releasing_locks():
+            with STOP_SIGNALS.installed(), releasing_locks(), \
+                    freed_memory_kept(trainer.config.training.keep_freed_memory):
                 return train(trainer, *args, **kwargs)
         except RunStopped as stopped:
             if not stopped.resume_hint:
