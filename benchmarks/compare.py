@@ -584,31 +584,40 @@ def update_memory_section(benchmarks_md: Path, results: Path) -> None:
 
 
 def gpu_section(path: Path) -> str:
-    """The last GPU run of benchmarks/gpu.py (the gpt2 configs), kept across CPU runs; empty without one."""
+    """The last GPU run of benchmarks/gpu.py (the gpt2 configs), kept across CPU runs; empty without one.
+    One table row per measured row (``--label``: the presets as shipped, or with the keys ``--set`` changed)
+    and stage, in the order measured."""
     rows = last_run_rows(path, ("date", "device"))
     if not rows:
         return ""
-    latest = {row["stage"]: row for row in rows}  # a stage measured twice that day: its last row
     lines = ["", "## GPU: the gpt2 configs (`benchmarks/gpu.py`, not part of `make bench`)",
              f"Measured {rows[-1]['date']} on {rows[-1]['device']}, bf16 (`mixed_precision: auto`), torch "
-             f"{rows[-1]['versions']['torch']}: configs/{{sft,rm,ppo}}_gpt2.yaml as shipped (batch, accumulation, "
-             "rollout), a random GPT-2 of gpt2's shape (124 M parameters; the machine has no network for the hub "
-             "weights and datasets) on synthetic rows of the datasets' lengths, a few steps each. MFU = useful "
-             "FLOP/s (6·N per trained token, 22·N·L per PPO episode) ÷ the dense bf16 peak "
-             f"({rows[-1]['peak_tflops']} TFLOP/s).", "",
-             "| stage | throughput | useful TFLOP/s | MFU | steps | peak GPU memory |", "|---|---|---|---|---|---|"]
+             f"{rows[-1]['versions']['torch']}: configs/{{sft,rm,ppo}}_gpt2.yaml (batch, accumulation, rollout) as "
+             "shipped or with the keys a row names, a random GPT-2 of gpt2's shape (124 M parameters; the machine has "
+             "no network for the hub weights and datasets) on synthetic rows of the datasets' lengths, a few steps "
+             "each. Throughput and MFU are whole runs, start-up and compilation included; steady state is the "
+             "median rate of the run's second half. MFU = useful FLOP/s (6·N per trained token, 22·N·L per PPO "
+             f"episode) ÷ the dense bf16 peak ({rows[-1]['peak_tflops']} TFLOP/s).", "",
+             "| row | stage | throughput | steady state | useful TFLOP/s | MFU | steps | peak GPU memory |",
+             "|---|---|---|---|---|---|---|---|"]
     units = {"sft": ("real_tokens_per_s", "real tokens/s"), "rm": ("pairs_per_s", "pairs/s"),
              "ppo": ("episodes_per_s", "episodes/s")}
-    for stage in STAGES:
-        row = latest.get(stage)
-        if row is None:
-            continue
+    for row in rows:
+        stage = row["stage"]
         key, unit = units[stage]
         extra = (f" ({row['real_tokens_per_s']:,} tokens/s)" if stage == "rm" and row.get("real_tokens_per_s")
                  else f" ({row['generated_tokens_per_s']:,} generated tokens/s)" if stage == "ppo" else "")
+        if stage == "ppo" and row.get("steady_episodes_per_s") is not None:
+            steady = f"{row['steady_episodes_per_s']} episodes/s"
+            if row.get("steady_rollout_s") is not None:
+                steady += f" (a step: rollout {row['steady_rollout_s']} s, update {row['steady_update_s']} s)"
+        elif row.get("steady_tokens_per_s") is not None:
+            steady = f"{row['steady_tokens_per_s']:,.0f} tokens/s"
+        else:
+            steady = "n/a"
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
-        lines.append(f"| {stage} | {row[key]:,} {unit}{extra} | {row['tflops']} | {mfu} | {row['steps']} | "
-                     f"{row['peak_gpu_mem_gb']} GB |")
+        lines.append(f"| {row.get('label', 'as shipped')} | {stage} | {row[key]:,} {unit}{extra} | {steady} | "
+                     f"{row['tflops']} | {mfu} | {row['steps']} | {row['peak_gpu_mem_gb']} GB |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The gpt2 configs (configs/{sft,rm,ppo}_gpt2.yaml) on one GPU: tokens/s and MFU per stage.
 
-    python benchmarks/gpu.py [--steps N] [--out benchmarks/gpu_results.jsonl] [--peak-tflops X] [--profile]
+    python benchmarks/gpu.py [--steps N] [--out benchmarks/gpu_results.jsonl] [--peak-tflops X]
+                             [--label NAME --set [STAGE:]KEY=VALUE ...] [--profile STAGE]
 
 Offline by design (the lent GPU machines reach no network): the model is a GPT-2 of gpt2's shape
 (12 layers, d=768, 12 heads, context 1024, vocabulary 50,257: 124 M parameters) with random
@@ -11,6 +12,8 @@ prompts ~100 tokens + 128 new). Everything else is the gpt2 configs as shipped: 
 gradient accumulation, bf16 (``mixed_precision: auto``), PPO rollout and minibatches; only the
 number of steps is cut and checkpoints, evaluation and trackers are off. Arithmetic speed does
 not depend on the weights' values, so tokens/s are those of the real checkpoint on such lengths.
+``--set`` measures a documented key against the shipped row (``--set training.compile=true`` for every
+stage, ``--set sft:training.batch_size=64`` for one), ``--label`` names that row.
 
 The chain is the pipeline's: SFT writes final/, the RM starts from it, PPO uses both. Each stage
 prints one JSON line; all are appended to ``--out``, which compare.py copies into BENCHMARKS.md.
@@ -114,12 +117,42 @@ def peak_tflops(requested: float | None) -> tuple[float | None, str]:
 
 
 def steady(output_dir: Path, key: str) -> float | None:
-    """Median of ``key`` over the logged steps after the first: the rate without start-up (CUDA context,
-    kernel selection, allocator warm-up), which the whole-run figure includes."""
-    import statistics
+    """The rate once start-up (CUDA context, kernel selection, compilation) is behind it: common.steady_rate."""
+    return common.rounded(common.steady_rate(output_dir, key), 1)
 
-    values = [r[key] for r in common.read_jsonl(output_dir / "metrics.jsonl") if key in r]
-    return round(statistics.median(values[1:]), 1) if len(values) > 1 else None
+
+def stage_overrides(settings: list[str]) -> dict[str, list[str]]:
+    """``--set`` values by stage: ``KEY=VALUE`` applies to every stage, ``sft:KEY=VALUE`` to one."""
+    by_stage: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
+    for setting in settings:
+        key = setting.split("=", 1)[0]
+        stage, _, override = setting.partition(":") if ":" in key else ("", "", setting)
+        if stage and stage not in by_stage:
+            raise SystemExit(f"error: --set {setting}: the stage before ':' must be one of sft, rm, ppo")
+        if "=" not in override:
+            raise SystemExit(f"error: --set {setting}: expected [STAGE:]KEY=VALUE")
+        for name in ([stage] if stage else by_stage):
+            by_stage[name].append(override)
+    return by_stage
+
+
+def train_profiled(trainer, activities: list) -> None:
+    """``trainer.train()`` under torch.profiler; prints the 20 most expensive operations by CPU and by GPU time,
+    and how much of the wall time the GPU spent in kernels (what is left to win by keeping it busy)."""
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profiler:
+        trainer.train()
+    wall_s = time.perf_counter() - started
+    averages = profiler.key_averages()
+    cuda = torch.profiler.ProfilerActivity.CUDA in activities
+    for sort_by in ["self_cpu_time_total"] + (["self_device_time_total"] if cuda else []):
+        print(averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60), file=sys.stderr)
+    if cuda:
+        # Kernels are the events on the device; the CPU operators that launched them carry the same time again.
+        kernel_s = sum(event.self_device_time_total for event in averages
+                       if event.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+        print(f"profile: GPU busy {kernel_s:.2f} s of {wall_s:.2f} s wall ({kernel_s / wall_s:.0%}; "
+              "profiler overhead included in the wall time)", file=sys.stderr)
 
 
 def main() -> None:
@@ -129,9 +162,15 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the name)")
     parser.add_argument("--smoke", action="store_true", help=(
         "check the script itself on CPU: a 2-layer d=128 model with gpt2's vocabulary, 2 steps, results not kept"))
-    parser.add_argument("--profile", action="store_true", help=(
-        "run SFT under torch.profiler and print its 20 most expensive operations by CPU and by GPU time"))
+    parser.add_argument("--profile", nargs="?", const="sft", choices=["sft", "rm", "ppo"], help=(
+        "run this stage (default sft) under torch.profiler: its 20 most expensive operations by CPU and by GPU "
+        "time, and the share of the wall time the GPU was busy"))
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+                        help="a config override for every stage, or for one (sft:, rm:, ppo:); repeatable")
+    parser.add_argument("--label", default=None, help="the row's name in the results (default: the overrides)")
     args = parser.parse_args()
+    overrides = stage_overrides(args.settings)
+    label = args.label or (" ".join(args.settings) if args.settings else "as shipped")
     if args.smoke:
         GPT2_SHAPE.update(n_layer=2, n_head=2, n_embd=128)
         args.steps, args.out = 2, None
@@ -141,7 +180,8 @@ def main() -> None:
     peak, device_name = peak_tflops(args.peak_tflops)
     cuda = torch.cuda.is_available()
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-bench-gpu-"))
-    results = []
+    common.cold_compile_cache(scratch)  # with training.compile, its whole compilation is counted, as a user's first run
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     try:
         model_dir = scratch / "gpt2-shaped"
         n_params = build_gpt2_shaped(model_dir)
@@ -149,8 +189,13 @@ def main() -> None:
         quiet = ["logging.report_to=[]", "training.eval_every=null", "training.save_every=null"]
         shrink = SMOKE_OVERRIDES if args.smoke else {"sft": [], "rm": [], "ppo": []}
 
+        def train(trainer) -> None:
+            stage = {SFTTrainer: "sft", RewardTrainer: "rm", PPOTrainer: "ppo"}[type(trainer)]
+            train_profiled(trainer, activities) if args.profile == stage else trainer.train()
+
         def finish(stage: str, record: dict, extra: dict, flops_per_s: float) -> None:
-            result = {"stage": stage, "impl": "rlhf", "variant": "gpt2-shaped", "device": device_name,
+            result = {"stage": stage, "impl": "rlhf", "variant": "gpt2-shaped", "label": label,
+                      "overrides": overrides[stage], "device": device_name,
                       "steps": record["step"], "wall_s": round(record["train_runtime_s"], 2), **extra,
                       "tflops": round(flops_per_s / 1e12, 1),
                       "mfu": round(flops_per_s / (peak * 1e12), 4) if peak else None,
@@ -160,22 +205,18 @@ def main() -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             common.emit(result)
-            results.append(result)
+            if args.out:  # each stage as it ends: a later stage that fails or runs out of time keeps the earlier rows
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with open(out, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(result, sort_keys=True) + "\n")
 
         sft_dir = scratch / "sft"
         config = load_config(SFTConfig, str(CONFIGS / "sft_gpt2.yaml"), [
             f"output_dir={sft_dir}", f"model.name_or_path={model_dir}", f"data.path={data['sft']}",
             "data.columns={}", "data.eval_fraction=0", f"training.max_steps={args.steps}", "logging.num_samples=0",
-            *quiet, *shrink["sft"]])
-        if args.profile:
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-            with torch.profiler.profile(activities=activities) as profiler:
-                SFTTrainer(config).train()
-            averages = profiler.key_averages()
-            for sort_by in ["self_cpu_time_total"] + (["self_cuda_time_total"] if cuda else []):
-                print(averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60), file=sys.stderr)
-        else:
-            SFTTrainer(config).train()
+            *quiet, *shrink["sft"], *overrides["sft"]])
+        train(SFTTrainer(config))
         record = common.training_record(sft_dir)
         tokens_per_s = record["train_tokens"] / record["train_runtime_s"]
         finish("sft", record, {"real_tokens_per_s": round(tokens_per_s),
@@ -186,9 +227,9 @@ def main() -> None:
             f"output_dir={rm_dir}", f"model.name_or_path={sft_dir / 'final'}", f"data.path={data['rm']}",
             "data.eval_path=null", "data.format=pairwise", "data.eval_fraction=0.02",
             f"training.max_steps={args.steps}", "normalization.set=train", "normalization.max_samples=256",
-            "logging.num_samples=0", *quiet, *shrink["rm"]])
+            "logging.num_samples=0", *quiet, *shrink["rm"], *overrides["rm"]])
         started = time.perf_counter()
-        RewardTrainer(config).train()
+        train(RewardTrainer(config))
         record = common.training_record(rm_dir)
         # Units of the RM loop are prompts; with one pair per prompt (prompt_with_context) they are pairs.
         pairs = record["step"] * config.training.batch_size * config.training.gradient_accumulation_steps
@@ -202,10 +243,12 @@ def main() -> None:
         ppo_dir = scratch / "ppo"
         config = load_config(PPOConfig, str(CONFIGS / "ppo_gpt2.yaml"), [
             f"output_dir={ppo_dir}", f"policy.name_or_path={sft_dir / 'final'}",
-            f"reward.model_path={rm_dir / 'final'}", f"data.path={data['ppo']}", "data.columns={}",
-            f"training.max_steps={max(2, args.steps // 5)}", "logging.num_samples=0", *quiet, *shrink["ppo"]])
+            f"reward.model_path={rm_dir / 'final'}", f"data.path={data['ppo']}", "data.format=prompt",
+            "data.columns={}",
+            f"training.max_steps={max(2, args.steps // 5)}", "logging.num_samples=0", *quiet, *shrink["ppo"],
+            *overrides["ppo"]])
         trainer = PPOTrainer(config)
-        trainer.train()
+        train(trainer)
         record = common.training_record(ppo_dir)
         episodes = record["train_episodes"]
         prompt_tokens = sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids)
@@ -213,19 +256,15 @@ def main() -> None:
         episodes_per_s = episodes / record["train_runtime_s"]
         finish("ppo", record, {"episodes_per_s": round(episodes_per_s, 2),
                                 "steady_episodes_per_s": steady(ppo_dir, "episodes_per_s"),
+                                # where a step's time goes: sampling and scoring, then the PPO epochs
+                                "steady_rollout_s": steady(ppo_dir, "rollout_s"),
+                                "steady_update_s": steady(ppo_dir, "update_s"),
                                 "generated_tokens_per_s": round(record["train_generated_tokens"] / record["train_runtime_s"]),
                                 "prompt_tokens_per_episode": round(prompt_tokens, 1),
                                 "new_tokens_per_episode": round(new_tokens, 1)},
                ppo_flops_per_episode(n_params, prompt_tokens, new_tokens) * episodes_per_s)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if args.out is None:
-        return
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as handle:
-        for result in results:
-            handle.write(json.dumps(result, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

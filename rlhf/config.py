@@ -96,6 +96,11 @@ class ModelConfig:
         "flash-attention's variable-length kernel; the reward model's packing needs sdpa or eager); or a "
         "kernels-hub repository (needs the kernels package). In PPO the policy's choice also applies to the "
         "reference, the reward model and the critic"))
+    hub_kernels: bool = param(False, help=(
+        "let transformers replace layers with kernels fetched from the Hugging Face kernels hub (its use_kernels, "
+        "on by default in recent transformers when the kernels package is installed; they are fetched when a "
+        "model on a GPU is switched between train and eval, so an offline machine fails). Off: the model's own "
+        "layers, the same on every machine"))
     disable_dropout: bool = param(True, help="set every dropout probability to 0 (RLHF practice, docs/ppo.md#35)")
     fused_gelu: bool = param(True, help=(
         "run GPT-2's python tanh GELU ('gelu_new') as torch's fused kernel: the same function up to float "
@@ -157,8 +162,11 @@ class TrainingConfig:
         "(inductor; regional compilation): fused elementwise kernels, the same loss up to float rounding. "
         "Compilation costs seconds to minutes on the first steps and on each new shape family, so it pays on "
         "long runs and on GPUs; measured on a 2-core CPU it did not (docs/benchmark.md). CPU needs a C++ compiler"))
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = param(
-        "default", help="torch.compile mode with training.compile (reduce-overhead: CUDA graphs, GPU only)")
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = param("default", help=(
+        "torch.compile mode with training.compile (max-autotune-no-cudagraphs: inductor also times kernel variants, "
+        "longer to compile). The CUDA-graph modes (reduce-overhead, max-autotune) are not offered: the blocks share "
+        "one compiled graph, and on a GPU each block's replay overwrote the output the block before had returned "
+        "(torch raised at the first forward, seen on an H200)"))
     fused_optimizer: bool = param(True, help=(
         "use torch's fused AdamW kernel where the device has one (CPU, CUDA): the same update up to float rounding, "
         "several times faster on CPU; false: torch's default AdamW"))

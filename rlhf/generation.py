@@ -81,9 +81,9 @@ def sample_with_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         prompt_ids: (batch, prompt_len) left-padded prompts.
         prompt_mask: (batch, prompt_len), 1 on real prompt tokens.
         compile_mode: run the one-token decode step through ``torch.compile`` in this mode ("default",
-            "reduce-overhead", ...; None: eager). With a static cache its shapes stay fixed for the whole
-            response, so it compiles once per batch shape (and "reduce-overhead" on a GPU replays one
-            CUDA graph per token). The tokens equal the eager ones up to float rounding.
+            "max-autotune-no-cudagraphs"; None: eager). With a static cache its shapes stay fixed for the
+            whole response, so it compiles once per batch shape. The tokens equal the eager ones up to float
+            rounding.
         cpu_packed_weights: on a CPU, run the fp32 linear layers through oneDNN on weights packed once for the
             whole response (``rlhf.models.onednn``; not with ``compile_mode``). Decoding multiplies a few rows
             by every weight per token, and MKL's sgemm re-lays the weight out on each call: the PPO benchmark's

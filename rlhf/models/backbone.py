@@ -8,6 +8,7 @@ value models are the same backbone with a scalar head (``rlhf.models.heads``).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import pickle
@@ -102,12 +103,14 @@ def adopt_model(model: PreTrainedModel, tokenizer, model_config: ModelConfig, bl
 
     The tokenizer gets a dedicated pad (never pad = eos), the embeddings grow to the tokenizer and
     the special ids are recorded, and dropout is turned off if ``model_config.disable_dropout``
-    (train- and eval-mode forwards must agree, docs/ppo.md#35), GPT-2's python GELU becomes
+    (train- and eval-mode forwards must agree, docs/ppo.md#35), the vocabulary projection pads its output
+    for cuBLAS (``VocabAlignedLinear``), GPT-2's python GELU becomes
     the fused kernel if ``model_config.fused_gelu``, and the attention runs through
     ``model_config.attn_implementation`` when one is named (``block``: its config block, for errors).
     """
     ensure_pad_token(tokenizer)
     fit_to_tokenizer(model, tokenizer)
+    align_vocab_projection(model)
     if model_config.disable_dropout:
         disable_dropout(model)
     if model_config.fused_gelu:
@@ -144,6 +147,24 @@ def set_attention_implementation(model: PreTrainedModel, name: str, key: str) ->
         raise UserError(f"{key}: {first_line(error).rstrip('.')}{hint}") from None
 
 
+def hub_kernel_arguments(wanted: bool, key: str = "model.hub_kernels") -> dict:
+    """``from_pretrained``'s ``use_kernels`` argument for ``model.hub_kernels``.
+
+    Recent transformers turn hub kernels on by default where the kernels package is installed, and fetch
+    them from the hub when a model on a GPU switches between train and eval: an offline GPU machine then
+    fails at the first evaluation, and layers change under the user. Off unless asked for; older releases,
+    which have no hub kernels, get no argument.
+    """
+    supported = hasattr(PreTrainedModel, "set_use_kernels")
+    if wanted and not supported:
+        import transformers
+
+        raise UserError(f"{key}: needs a transformers release with hub kernels (installed: {transformers.__version__})")
+    if wanted and importlib.util.find_spec("kernels") is None:
+        raise UserError(f"{key}: needs the kernels package; pip install kernels")
+    return {"use_kernels": wanted} if supported else {}
+
+
 def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = "model.name_or_path",
                              **kwargs) -> PreTrainedModel:
     """``model_class.from_pretrained`` in fp32, turning a bad path into one clear line naming ``key``.
@@ -159,6 +180,7 @@ def from_pretrained_or_error(model_class, model_config: ModelConfig, key: str = 
         return load_adapter_checkpoint(
             lambda base: from_pretrained_or_error(model_class, replace(model_config, name_or_path=base, revision=None),
                                                   f"{key} (its adapter's base)", **kwargs), path, key)
+    kwargs.update(hub_kernel_arguments(model_config.hub_kernels, f"{key.split('.')[0]}.hub_kernels"))
     try:
         # fp32 master weights: mixed precision is accelerate's job, and RLHF logprobs must be fp32
         # (docs/ppo.md#38).
@@ -314,6 +336,44 @@ def fit_to_tokenizer(model: PreTrainedModel, tokenizer) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+# cuBLAS picks its fast (Hopper/Ampere) bf16 kernels only for row lengths that are multiples of 8 elements;
+# gpt2's 50,257-token logits fell back to sm75 kernels, ~80 TFLOP/s on an H200, a third of SFT's GPU time.
+VOCAB_ALIGNMENT = 64
+
+
+def pads_projection(weight: torch.Tensor) -> bool:
+    """Whether the vocabulary projection pads its output for alignment: on CUDA only (CPU BLAS needs no
+    such alignment, and the padded weight would be a copy per call there)."""
+    return weight.is_cuda
+
+
+class VocabAlignedLinear(torch.nn.Linear):
+    """The output projection (hidden -> vocabulary logits) computed with its output rows padded to a multiple
+    of ``VOCAB_ALIGNMENT`` with zero weights, then cut back: the same logits and gradients (each logit is the
+    same dot product), through cuBLAS's aligned kernels. Parameters, names and checkpoints are those of the
+    ``nn.Linear`` it replaces (``align_vocab_projection``)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        vocab = self.out_features
+        padding = -vocab % VOCAB_ALIGNMENT
+        if not padding or not pads_projection(self.weight):
+            return torch.nn.functional.linear(hidden, self.weight, self.bias)
+        weight = torch.nn.functional.pad(self.weight, (0, 0, 0, padding))
+        bias = None if self.bias is None else torch.nn.functional.pad(self.bias, (0, padding))
+        return torch.nn.functional.linear(hidden, weight, bias)[..., :vocab]
+
+
+def align_vocab_projection(model: torch.nn.Module) -> bool:
+    """Make a plain ``nn.Linear`` output projection a ``VocabAlignedLinear`` (in place: the same module, its
+    class changed); True if it was changed. Another head (a quantized or wrapped one) keeps its own forward."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if type(head) is not torch.nn.Linear or head.out_features % VOCAB_ALIGNMENT == 0:
+        return False
+    head.__class__ = VocabAlignedLinear
+    return True
 
 
 def use_fused_gelu(model: torch.nn.Module) -> int:

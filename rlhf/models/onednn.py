@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import torch
 
+from rlhf.models.backbone import VocabAlignedLinear
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,7 +53,7 @@ def linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
     """The (out, in) weight of a plain ``nn.Linear`` or transformers ``Conv1D`` (GPT-2's, stored (in, out));
     None for anything else. Only these exact types: a subclass (a quantized linear, a LoRA wrapper) has a
     forward of its own, and a LoRA wrapper's base layer is found as a module of its own."""
-    if type(module) is torch.nn.Linear:
+    if type(module) in (torch.nn.Linear, VocabAlignedLinear):  # the latter is a plain linear layer on a CPU
         return module.weight
     try:
         from transformers.pytorch_utils import Conv1D

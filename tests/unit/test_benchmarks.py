@@ -270,13 +270,35 @@ def test_gpu_section_shows_the_last_gpu_run_and_nothing_without_one(tmp_path):
     rows = [old,
             {**base, "stage": "sft", "device": "NVIDIA H200", "date": "2026-11-26", "real_tokens_per_s": 123456},
             {**base, "stage": "ppo", "device": "NVIDIA H200", "date": "2026-11-26", "episodes_per_s": 210.5,
-             "generated_tokens_per_s": 26944, "mfu": None}]
+             "generated_tokens_per_s": 26944, "mfu": None},
+            {**base, "stage": "sft", "device": "NVIDIA H200", "date": "2026-11-26", "real_tokens_per_s": 99000,
+             "steady_tokens_per_s": 180123.4, "label": "compiled"},
+            {**base, "stage": "ppo", "device": "NVIDIA H200", "date": "2026-11-26", "episodes_per_s": 70.3,
+             "generated_tokens_per_s": 9000, "steady_episodes_per_s": 72.0, "steady_rollout_s": 1.9,
+             "steady_update_s": 1.7, "label": "compiled"}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     section = compare.gpu_section(path)
     assert "2026-11-26 on NVIDIA H200" in section and "H100" not in section
-    assert "| sft | 123,456 real tokens/s | 100.0 | 10.1% | 20 | 9.5 GB |" in section
-    assert "| ppo | 210.5 episodes/s (26,944 generated tokens/s) | 100.0 | n/a |" in section
+    assert "| as shipped | sft | 123,456 real tokens/s | n/a | 100.0 | 10.1% | 20 | 9.5 GB |" in section
+    assert "| as shipped | ppo | 210.5 episodes/s (26,944 generated tokens/s) | n/a | 100.0 | n/a |" in section
+    assert "| compiled | sft | 99,000 real tokens/s | 180,123 tokens/s | 100.0 | 10.1% |" in section
+    assert ("| compiled | ppo | 70.3 episodes/s (9,000 generated tokens/s) | 72.0 episodes/s (a step: rollout 1.9 s, "
+            "update 1.7 s) |") in section
     assert "| rm |" not in section  # not measured in that run
+    lines = section.splitlines()
+    assert lines.index(next(l for l in lines if "| as shipped | ppo" in l)) < lines.index(
+        next(l for l in lines if "| compiled | sft" in l))  # the order measured
+
+
+def test_gpu_script_overrides_apply_to_every_stage_or_to_the_one_named():
+    gpu = pytest.importorskip("gpu")
+    assert gpu.stage_overrides(["training.compile=true", "sft:training.batch_size=64", "ppo:ppo.kl_coef=0.1"]) == {
+        "sft": ["training.compile=true", "training.batch_size=64"], "rm": ["training.compile=true"],
+        "ppo": ["training.compile=true", "ppo.kl_coef=0.1"]}
+    assert gpu.stage_overrides(["data.path=a:b"]) == {stage: ["data.path=a:b"] for stage in ("sft", "rm", "ppo")}
+    for bad, message in (("dpo:training.lr=1", "must be one of sft, rm, ppo"), ("training.compile", "expected")):
+        with pytest.raises(SystemExit, match=message):
+            gpu.stage_overrides([bad])
 
 
 def test_non_embedding_params_from_the_safetensors_header(tmp_path):

@@ -159,6 +159,78 @@ def test_fused_gelu_replaces_gpt2s_python_gelu_with_equal_outputs(tokenizer_dir,
     torch.testing.assert_close(fused(input_ids).logits, before, rtol=0, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- vocabulary projection on CUDA
+
+def test_aligned_vocab_projection_gives_the_same_logits_and_gradients(tokenizer_dir, tmp_path, monkeypatch):
+    """The padded projection runs on CUDA only; here its padding is forced on CPU to check the arithmetic."""
+    import copy
+
+    from rlhf.models import backbone
+    from rlhf.models.onednn import linear_weight
+
+    model, _ = load_causal_lm(tiny_model_config(tokenizer_dir), seed=0)
+    head = model.get_output_embeddings()
+    assert type(head) is backbone.VocabAlignedLinear and head.out_features % backbone.VOCAB_ALIGNMENT != 0
+    assert head.weight is model.get_input_embeddings().weight  # still tied
+    assert linear_weight(head) is head.weight  # CPU sampling still packs it for oneDNN
+    hidden = torch.randn(2, 5, head.in_features, requires_grad=True)
+    expected = torch.nn.functional.linear(hidden, head.weight)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [hidden, head.weight])
+
+    monkeypatch.setattr(backbone, "pads_projection", lambda weight: True)
+    logits = head(hidden)
+    assert logits.shape == expected.shape
+    torch.testing.assert_close(logits, expected)
+    for got, want in zip(torch.autograd.grad(logits.square().sum(), [hidden, head.weight]), expected_grads):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(copy.deepcopy(model)(torch.arange(3, 11)[None]).logits,
+                               model(torch.arange(3, 11)[None]).logits)
+
+    model.save_pretrained(tmp_path)  # the checkpoint is a plain transformers one
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded.get_output_embeddings()) is torch.nn.Linear
+    assert set(reloaded.state_dict()) == set(model.state_dict())
+
+
+def test_an_aligned_or_unusual_output_projection_is_left_alone():
+    from rlhf.models.backbone import align_vocab_projection
+
+    aligned = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_layer=1, n_head=2, n_embd=16, n_positions=16))
+    assert align_vocab_projection(aligned) is False and type(aligned.lm_head) is torch.nn.Linear
+    odd = GPT2LMHeadModel(GPT2Config(vocab_size=131, n_layer=1, n_head=2, n_embd=16, n_positions=16))
+    odd.lm_head = torch.nn.Sequential(torch.nn.Linear(16, 131, bias=False))  # someone else's head
+    assert align_vocab_projection(odd) is False
+    assert align_vocab_projection(torch.nn.Linear(2, 3)) is False  # not a model
+
+
+# ----------------------------------------------------------------------------- hub kernels
+
+def test_hub_kernels_are_off_unless_asked_for(tokenizer_dir, tmp_path, monkeypatch):
+    """Recent transformers turn hub kernels on at load where the kernels package is installed, and fetch them
+    when a GPU model switches between train and eval (an offline machine then fails); the loader turns them off."""
+    import importlib.util
+
+    from transformers import PreTrainedModel
+
+    from rlhf.models.backbone import hub_kernel_arguments
+
+    model, _ = load_causal_lm(tiny_model_config(tokenizer_dir), seed=0)
+    model.save_pretrained(tmp_path)
+    loaded, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(tmp_path), tokenizer=tokenizer_dir))
+    scalar = load_scalar_model(ModelConfig(name_or_path=str(tmp_path)), tokenizer)
+    if hasattr(PreTrainedModel, "set_use_kernels"):
+        assert hub_kernel_arguments(False) == {"use_kernels": False}
+        assert loaded.use_kernels is False and scalar.model.use_kernels is False
+    else:
+        assert hub_kernel_arguments(False) == {}
+        with pytest.raises(UserError, match="model.hub_kernels: needs a transformers release"):
+            hub_kernel_arguments(True)
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", lambda *args, **kwargs: None, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(UserError, match="model.hub_kernels: needs the kernels package; pip install kernels"):
+        hub_kernel_arguments(True)
+
+
 # ----------------------------------------------------------------------------- attention implementation
 
 def test_attn_implementation_switches_the_kernel_and_keeps_the_function(tokenizer_dir, tmp_path):
