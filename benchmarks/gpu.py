@@ -189,8 +189,7 @@ def main() -> None:
         quiet = ["logging.report_to=[]", "training.eval_every=null", "training.save_every=null"]
         shrink = SMOKE_OVERRIDES if args.smoke else {"sft": [], "rm": [], "ppo": []}
 
-        def train(trainer) -> None:
-            stage = {SFTTrainer: "sft", RewardTrainer: "rm", PPOTrainer: "ppo"}[type(trainer)]
+        def train(stage: str, trainer) -> None:
             train_profiled(trainer, activities) if args.profile == stage else trainer.train()
 
         def finish(stage: str, record: dict, extra: dict, flops_per_s: float) -> None:
@@ -216,7 +215,7 @@ def main() -> None:
             f"output_dir={sft_dir}", f"model.name_or_path={model_dir}", f"data.path={data['sft']}",
             "data.columns={}", "data.eval_fraction=0", f"training.max_steps={args.steps}", "logging.num_samples=0",
             *quiet, *shrink["sft"], *overrides["sft"]])
-        train(SFTTrainer(config))
+        train("sft", SFTTrainer(config))
         record = common.training_record(sft_dir)
         tokens_per_s = record["train_tokens"] / record["train_runtime_s"]
         finish("sft", record, {"real_tokens_per_s": round(tokens_per_s),
@@ -229,7 +228,7 @@ def main() -> None:
             f"training.max_steps={args.steps}", "normalization.set=train", "normalization.max_samples=256",
             "logging.num_samples=0", *quiet, *shrink["rm"], *overrides["rm"]])
         started = time.perf_counter()
-        train(RewardTrainer(config))
+        train("rm", RewardTrainer(config))
         record = common.training_record(rm_dir)
         # Units of the RM loop are prompts; with one pair per prompt (prompt_with_context) they are pairs.
         pairs = record["step"] * config.training.batch_size * config.training.gradient_accumulation_steps
@@ -248,7 +247,7 @@ def main() -> None:
             f"training.max_steps={max(2, args.steps // 5)}", "logging.num_samples=0", *quiet, *shrink["ppo"],
             *overrides["ppo"]])
         trainer = PPOTrainer(config)
-        train(trainer)
+        train("ppo", trainer)
         record = common.training_record(ppo_dir)
         episodes = record["train_episodes"]
         prompt_tokens = sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids)
