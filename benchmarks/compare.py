@@ -526,7 +526,7 @@ def last_run_rows(path: Path, run_keys: tuple[str, ...]) -> list[dict]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [row for row in rows if all(row[key] == rows[-1][key] for key in run_keys)]
+    return [row for row in rows if all(row.get(key) == rows[-1].get(key) for key in run_keys)]
 
 
 def memory_table(rows: list[dict]) -> list[str]:
@@ -586,20 +586,26 @@ def update_memory_section(benchmarks_md: Path, results: Path) -> None:
 def gpu_section(path: Path) -> str:
     """The last GPU run of benchmarks/gpu.py (the gpt2 configs), kept across CPU runs; empty without one.
     One table row per measured row (``--label``: the presets as shipped, or with the keys ``--set`` changed)
-    and stage, in the order measured."""
+    and stage, in the order measured. Rows of one ``--series`` make one table (several device calls); older rows
+    without a series, those of one date and device."""
     rows = last_run_rows(path, ("date", "device"))
+    if rows and rows[-1].get("series"):
+        rows = last_run_rows(path, ("series",))
     if not rows:
         return ""
     lines = ["", "## GPU: the gpt2 configs (`benchmarks/gpu.py`, not part of `make bench`)",
              f"Measured {rows[-1]['date']} on {rows[-1]['device']}, bf16 (`mixed_precision: auto`), torch "
              f"{rows[-1]['versions']['torch']}: configs/{{sft,rm,ppo}}_gpt2.yaml (batch, accumulation, rollout) as "
              "shipped or with the keys a row names, a random GPT-2 of gpt2's shape (124 M parameters; the machine has "
-             "no network for the hub weights and datasets) on synthetic rows of the datasets' lengths, a few steps "
-             "each. Throughput and MFU are whole runs, start-up and compilation included; steady state is the "
-             "median rate of the run's second half. MFU = useful FLOP/s (6·N per trained token, 22·N·L per PPO "
-             f"episode) ÷ the dense bf16 peak ({rows[-1]['peak_tflops']} TFLOP/s).", "",
-             "| row | stage | throughput | steady state | useful TFLOP/s | MFU | steps | peak GPU memory |",
-             "|---|---|---|---|---|---|---|---|"]
+             "no network for the hub weights and datasets) on synthetic rows of the datasets' lengths, for the "
+             "optimizer steps (PPO: PPO steps) the table gives. Throughput and MFU are whole runs, start-up and compilation included; steady state is the "
+             "median rate of the run's second half. MFU = useful FLOP/s ÷ the dense bf16 peak "
+             f"({rows[-1]['peak_tflops']} TFLOP/s), counted two ways: every matmul the stage needs (6·N per token, "
+             "the vocabulary projection where logits are read, PPO's epochs: benchmarks/gpu.py), and the CPU "
+             "table's count (6·N per token, 22·N·L per PPO episode: one epoch, no vocabulary projection).", "",
+             "| row | stage | throughput | steady state | useful TFLOP/s | MFU | MFU (CPU table's count) | steps "
+             "| peak GPU memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
     units = {"sft": ("real_tokens_per_s", "real tokens/s"), "rm": ("pairs_per_s", "pairs/s"),
              "ppo": ("episodes_per_s", "episodes/s")}
     for row in rows:
@@ -615,9 +621,14 @@ def gpu_section(path: Path) -> str:
             steady = f"{row['steady_tokens_per_s']:,.0f} tokens/s"
         else:
             steady = "n/a"
-        mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
+        # Rows measured before the count took in the vocabulary projection and PPO's epochs have one MFU: 6·N's.
+        counted_all = "flops" in row
+        mfu = f"{row['mfu']:.1%}" if counted_all and row.get("mfu") is not None else "n/a"
+        mfu_6n = row.get("mfu_6n") if counted_all else row.get("mfu")
+        mfu_6n = f"{mfu_6n:.1%}" if mfu_6n is not None else "n/a"
+        tflops = row["tflops"] if counted_all else f"{row['tflops']} (6·N)"
         lines.append(f"| {row.get('label', 'as shipped')} | {stage} | {row[key]:,} {unit}{extra} | {steady} | "
-                     f"{row['tflops']} | {mfu} | {row['steps']} | {row['peak_gpu_mem_gb']} GB |")
+                     f"{tflops} | {mfu} | {mfu_6n} | {row['steps']} | {row['peak_gpu_mem_gb']} GB |")
     return "\n".join(lines) + "\n"
 
 

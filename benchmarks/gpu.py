@@ -2,7 +2,7 @@
 """The gpt2 configs (configs/{sft,rm,ppo}_gpt2.yaml) on one GPU: tokens/s and MFU per stage.
 
     python benchmarks/gpu.py [--steps N] [--out benchmarks/gpu_results.jsonl] [--peak-tflops X]
-                             [--label NAME --set [STAGE:]KEY=VALUE ...] [--profile STAGE]
+                             [--label NAME --set [STAGE:]KEY=VALUE ...] [--profile STAGE] [--until STAGE]
 
 Offline by design (the lent GPU machines reach no network): the model is a GPT-2 of gpt2's shape
 (12 layers, d=768, 12 heads, context 1024, vocabulary 50,257: 124 M parameters) with random
@@ -17,8 +17,14 @@ stage, ``--set sft:training.batch_size=64`` for one), ``--label`` names that row
 
 The chain is the pipeline's: SFT writes final/, the RM starts from it, PPO uses both. Each stage
 prints one JSON line; all are appended to ``--out``, which compare.py copies into BENCHMARKS.md.
-MFU counts 6·N useful FLOPs per trained token (N = non-embedding parameters, as the CPU table),
-and 22·N·L per PPO episode of L tokens (compare.py), over the GPU's dense bf16 peak.
+MFU counts the matmul FLOPs a stage needs, over the GPU's dense bf16 peak (the convention of PaLM's
+MFU and Megatron's FLOP count, without the attention scores): 6·N per trained token (N = non-embedding
+parameters), plus the vocabulary projection (6·V·d) where its logits are needed (SFT's response tokens;
+none in the RM, whose head is a scalar); per PPO episode of L tokens, 2·N·L to sample, 4 × 2·N·L for the
+policy, reference, reward and value forwards and 2 × 6·N·L per PPO epoch to train policy and critic, with
+the vocabulary projection of the response tokens when sampling, in the policy and reference forwards and
+in each epoch's policy training. ``mfu_6n`` keeps the CPU table's count (6·N per token, 22·N·L per
+episode: one PPO epoch, no vocabulary projection), which rows before 2026-12-04 evening report as ``mfu``.
 """
 
 import argparse
@@ -32,7 +38,8 @@ from pathlib import Path
 
 import common
 import torch
-from compare import ppo_flops_per_episode
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from compare import ppo_flops_per_episode as ppo_flops_per_episode_6n
 
 from rlhf.config import PPOConfig, RewardConfig, SFTConfig, load_config
 from rlhf.demo.demonstrator import demonstrate
@@ -57,7 +64,10 @@ SMOKE_OVERRIDES = {
 
 
 def build_gpt2_shaped(directory: Path) -> int:
-    """A random GPT-2 of gpt2's shape with the demo tokenizer; returns its non-embedding parameters."""
+    """A random GPT-2 of gpt2's shape with the demo tokenizer; returns its non-embedding parameters.
+
+    Its vocabulary projection has gpt2's 50,257 rows (the demo tokenizer uses the first 766), so the
+    logits and the loss's softmax cost what they cost with gpt2's own tokenizer."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
@@ -116,6 +126,26 @@ def peak_tflops(requested: float | None) -> tuple[float | None, str]:
     return next((peak for fragment, peak in BF16_PEAK_TFLOPS.items() if fragment in name), None), name
 
 
+def vocabulary_flops_per_token() -> int:
+    """Multiply-adds ×2 of one token's vocabulary projection (d × V), forward only."""
+    return 2 * GPT2_SHAPE["n_embd"] * GPT2_SHAPE["vocab_size"]
+
+
+def sft_flops(n_params: int, tokens: float, trained_tokens: float) -> float:
+    """Forward and backward of every token through the blocks, and of the trained tokens through the vocabulary
+    projection (the loss reads logits only there)."""
+    return 6 * n_params * tokens + 3 * vocabulary_flops_per_token() * trained_tokens
+
+
+def ppo_flops_per_episode(n_params: int, prompt_tokens: float, new_tokens: float, ppo_epochs: int) -> float:
+    """Sampling (2·N·L), four scoring forwards (policy, reference, reward, value: 8·N·L), and per PPO epoch
+    the policy's and critic's forward and backward (12·N·L); the vocabulary projection of the new tokens
+    when sampling, in the policy and reference forwards and in each epoch's policy training."""
+    length = prompt_tokens + new_tokens
+    vocabulary = vocabulary_flops_per_token() * new_tokens * (1 + 2 + 3 * ppo_epochs)
+    return (10 + 12 * ppo_epochs) * n_params * length + vocabulary
+
+
 def steady(output_dir: Path, key: str) -> float | None:
     """The rate once start-up (CUDA context, kernel selection, compilation) is behind it: common.steady_rate."""
     return common.rounded(common.steady_rate(output_dir, key), 1)
@@ -136,38 +166,62 @@ def stage_overrides(settings: list[str]) -> dict[str, list[str]]:
     return by_stage
 
 
-def train_profiled(trainer, activities: list) -> None:
-    """``trainer.train()`` under torch.profiler; prints the 20 most expensive operations by CPU and by GPU time,
-    and how much of the wall time the GPU spent in kernels (what is left to win by keeping it busy)."""
-    started = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as profiler:
-        trainer.train()
-    wall_s = time.perf_counter() - started
-    averages = profiler.key_averages()
+def train_profiled(trainer, activities: list, skip: int, record: int) -> None:
+    """``trainer.train()`` with torch.profiler recording ``record`` optimizer steps after the first ``skip`` (start-up,
+    kernel selection and compilation left out: the steady loop). Prints the 20 most expensive operations by CPU
+    and by GPU time, and how much of the recorded wall time the GPU spent in kernels (what is left to win by
+    keeping it busy). The run must take more than ``skip + record + 1`` optimizer steps."""
+    step_times: list[float] = []
     cuda = torch.profiler.ProfilerActivity.CUDA in activities
-    for sort_by in ["self_cpu_time_total"] + (["self_device_time_total"] if cuda else []):
-        print(averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60), file=sys.stderr)
-    if cuda:
-        # Kernels are the events on the device; the CPU operators that launched them carry the same time again.
-        kernel_s = sum(event.self_device_time_total for event in averages
-                       if event.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-        print(f"profile: GPU busy {kernel_s:.2f} s of {wall_s:.2f} s wall ({kernel_s / wall_s:.0%}; "
-              "profiler overhead included in the wall time)", file=sys.stderr)
+
+    def report(profiler) -> None:
+        wall_s = step_times[-1] - step_times[-1 - record]
+        averages = profiler.key_averages()
+        for sort_by in ["self_cpu_time_total"] + (["self_device_time_total"] if cuda else []):
+            print(averages.table(sort_by=sort_by, row_limit=20, max_name_column_width=60), file=sys.stderr)
+        if cuda:
+            # Kernels are the events on the device; the CPU operators that launched them carry the same time again,
+            # and annotations (ProfilerStep#, Optimizer.step) span kernels already counted.
+            kernel_s = sum(event.self_device_time_total for event in averages
+                           if event.device_type == torch.autograd.DeviceType.CUDA
+                           and not getattr(event, "is_user_annotation", False)) / 1e6
+            print(f"profile: GPU busy {kernel_s * 1e3 / record:.1f} ms per optimizer step of "
+                  f"{wall_s * 1e3 / record:.1f} ms wall ({kernel_s / wall_s:.0%}; {record} steps after {skip}, "
+                  "profiler overhead included in the wall time)", file=sys.stderr)
+
+    schedule = torch.profiler.schedule(wait=skip, warmup=1, active=record, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=report) as profiler:
+        def after_step(*_) -> None:
+            if cuda:
+                torch.cuda.synchronize()  # the step's kernels inside its window
+            step_times.append(time.perf_counter())
+            profiler.step()
+
+        hook = register_optimizer_step_post_hook(after_step)
+        try:
+            trainer.train()
+        finally:
+            hook.remove()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of SFT and RM (PPO: steps // 5)")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps of SFT and RM (PPO: steps // 5)")
+    parser.add_argument("--until", default="ppo", choices=["sft", "rm", "ppo"], help=(
+        "the last stage to measure (each stage needs the ones before it: they train the checkpoints it starts from)"))
     parser.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "gpu_results.jsonl"))
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: from the name)")
     parser.add_argument("--smoke", action="store_true", help=(
         "check the script itself on CPU: a 2-layer d=128 model with gpt2's vocabulary, 2 steps, results not kept"))
     parser.add_argument("--profile", nargs="?", const="sft", choices=["sft", "rm", "ppo"], help=(
-        "run this stage (default sft) under torch.profiler: its 20 most expensive operations by CPU and by GPU "
-        "time, and the share of the wall time the GPU was busy"))
+        "run this stage (default sft) under torch.profiler after its first half of optimizer steps: its 20 most "
+        "expensive operations by CPU and by GPU time, and the share of the wall time the GPU was busy"))
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
                         help="a config override for every stage, or for one (sft:, rm:, ppo:); repeatable")
     parser.add_argument("--label", default=None, help="the row's name in the results (default: the overrides)")
+    parser.add_argument("--series", default=None, help=(
+        "the name of the measurement the rows belong to: compare.py puts the last series' rows in one table "
+        "(default: the date)"))
     args = parser.parse_args()
     overrides = stage_overrides(args.settings)
     label = args.label or (" ".join(args.settings) if args.settings else "as shipped")
@@ -190,17 +244,27 @@ def main() -> None:
         shrink = SMOKE_OVERRIDES if args.smoke else {"sft": [], "rm": [], "ppo": []}
 
         def train(stage: str, trainer) -> None:
-            train_profiled(trainer, activities) if args.profile == stage else trainer.train()
+            if args.profile != stage:
+                trainer.train()
+                return
+            # PPO takes num_minibatches × num_ppo_epochs optimizer steps per PPO step: its window is one PPO step.
+            per_step = (config.ppo.num_minibatches * config.ppo.num_ppo_epochs) if stage == "ppo" else 1
+            total = config.training.max_steps * per_step
+            record = min(per_step * 2 if stage == "ppo" else 10, max(1, total // 4))
+            train_profiled(trainer, activities, skip=max(0, total - record - 2 - per_step), record=record)
 
-        def finish(stage: str, record: dict, extra: dict, flops_per_s: float) -> None:
+        def finish(stage: str, record: dict, extra: dict, flops_per_s: float, flops_per_s_6n: float) -> None:
             result = {"stage": stage, "impl": "rlhf", "variant": "gpt2-shaped", "label": label,
                       "overrides": overrides[stage], "device": device_name,
                       "steps": record["step"], "wall_s": round(record["train_runtime_s"], 2), **extra,
                       "tflops": round(flops_per_s / 1e12, 1),
                       "mfu": round(flops_per_s / (peak * 1e12), 4) if peak else None,
+                      "mfu_6n": round(flops_per_s_6n / (peak * 1e12), 4) if peak else None,
+                      "flops": "matmuls+vocabulary+epochs",
                       "peak_tflops": peak, "non_embedding_params": n_params,
                       "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                      "versions": common.versions(), "date": time.strftime("%Y-%m-%d")}
+                      "versions": common.versions(), "date": time.strftime("%Y-%m-%d"),
+                      "series": args.series or time.strftime("%Y-%m-%d")}
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             common.emit(result)
@@ -218,8 +282,12 @@ def main() -> None:
         train("sft", SFTTrainer(config))
         record = common.training_record(sft_dir)
         tokens_per_s = record["train_tokens"] / record["train_runtime_s"]
+        trained_tokens_per_s = record["train_units"] / record["train_runtime_s"]
         finish("sft", record, {"real_tokens_per_s": round(tokens_per_s),
-                                "steady_tokens_per_s": steady(sft_dir, "tokens_per_s")}, 6 * n_params * tokens_per_s)
+                                "steady_tokens_per_s": steady(sft_dir, "tokens_per_s")},
+               sft_flops(n_params, tokens_per_s, trained_tokens_per_s), 6 * n_params * tokens_per_s)
+        if args.until == "sft":
+            return
 
         rm_dir = scratch / "rm"
         config = load_config(RewardConfig, str(CONFIGS / "rm_gpt2.yaml"), [
@@ -237,7 +305,9 @@ def main() -> None:
                               "real_tokens_per_s": round(tokens_per_s) if tokens_per_s else None,
                               "steady_tokens_per_s": steady(rm_dir, "tokens_per_s"),
                               "stage_wall_s": round(time.perf_counter() - started, 1)},
-               6 * n_params * tokens_per_s)
+               6 * n_params * tokens_per_s, 6 * n_params * tokens_per_s)  # a scalar head: no vocabulary projection
+        if args.until == "rm":
+            return
 
         ppo_dir = scratch / "ppo"
         config = load_config(PPOConfig, str(CONFIGS / "ppo_gpt2.yaml"), [
@@ -261,7 +331,8 @@ def main() -> None:
                                 "generated_tokens_per_s": round(record["train_generated_tokens"] / record["train_runtime_s"]),
                                 "prompt_tokens_per_episode": round(prompt_tokens, 1),
                                 "new_tokens_per_episode": round(new_tokens, 1)},
-               ppo_flops_per_episode(n_params, prompt_tokens, new_tokens) * episodes_per_s)
+               ppo_flops_per_episode(n_params, prompt_tokens, new_tokens, config.ppo.num_ppo_epochs) * episodes_per_s,
+               ppo_flops_per_episode_6n(n_params, prompt_tokens, new_tokens) * episodes_per_s)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -80,6 +80,7 @@ from rlhf.training import (
     start_run,
     stop_requested,
     stops_gracefully,
+    to_device,
     truncate_jsonl,
     weight_decay_groups,
 )
@@ -681,10 +682,12 @@ class PPOTrainer:
         """Mean NLL of a pretraining/SFT batch (the γ_ptx term of InstructGPT's PPO-ptx)."""
         examples = [self.ptx_examples[i] for i in self.ptx_batch(update_index)]
         objective = LanguageModelingObjective(self.tokenizer.pad_token_id)
-        batch = {k: v.to(self.accelerator.device) for k, v in objective.collate(examples).items()}
+        batch = objective.collate(examples)
+        units = objective.count_units(batch)  # on the CPU tensors: no wait for the device
+        batch = to_device(batch, self.accelerator.device)
         with self.accelerator.autocast():
             loss_sum, _ = self.model(lambda policy, critic: objective.loss_sum(policy, batch))
-        return loss_sum / max(objective.count_units(batch), 1)
+        return loss_sum / max(units, 1)
 
     # ------------------------------------------------------------------ 5: metrics and samples
 

@@ -49,6 +49,7 @@ from rlhf.scoring import raw_scores
 from rlhf.training import (
     MetricsLogger,
     SupervisedLoop,
+    as_floats,
     end_training,
     full_weights,
     stops_gracefully,
@@ -141,20 +142,22 @@ class RewardObjective:
             # Reported apart from "loss", which stays the ranking loss whatever the coefficient.
             centering = reward_centering_penalty(chosen_rewards, rejected_rewards, group_ids=batch["group_ids"])
             loss_sum = loss_sum + num_prompts * self.center_rewards_coef * centering
-            stats["centering"] = num_prompts * centering.item()
+            stats["centering"] = num_prompts * centering.detach().double()
         chosen, rejected = chosen_rewards.detach().double(), rejected_rewards.detach().double()
         num_pairs = chosen.numel()
+        # Device tensors: the loop reads them back when it logs, not after every forward.
         stats |= {
-            "loss": num_prompts * ranking_loss.item(),
+            "loss": num_prompts * ranking_loss.detach().double(),
             "pairs": float(num_pairs),
-            "correct": pairwise_accuracy(chosen, rejected).item() * num_pairs,
-            "margin": (chosen - rejected).sum().item(),
-            "chosen_sum": chosen.sum().item(), "chosen_sq": chosen.square().sum().item(),
-            "rejected_sum": rejected.sum().item(), "rejected_sq": rejected.square().sum().item(),
+            "correct": pairwise_accuracy(chosen, rejected).double() * num_pairs,
+            "margin": (chosen - rejected).sum(),
+            "chosen_sum": chosen.sum(), "chosen_sq": chosen.square().sum(),
+            "rejected_sum": rejected.sum(), "rejected_sq": rejected.square().sum(),
         }
         return loss_sum, stats
 
     def summarize(self, sums: dict[str, float], units: float) -> dict[str, float]:
+        sums = as_floats(sums)
         pairs = sums.get("pairs", 0.0)
         if units == 0 or pairs == 0:
             return {}

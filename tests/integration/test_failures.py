@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_sft_config
 from rlhf import PPOTrainer, SFTTrainer, UserError
 from rlhf.config import ModelConfig
+import rlhf.training as training_module
 from rlhf.errors import NonFiniteValue
 from rlhf.models import load_causal_lm
 from tests.integration.test_ppo import letter_a_reward, ppo_config, prompt_rows, run_tiny_ppo
@@ -133,7 +134,41 @@ def test_the_terminal_gets_one_line_and_the_library_log_goes_to_run_log(tokenize
 # ----------------------------------------------------------------------------- non-finite values
 
 
-def test_a_nan_loss_stops_sft_before_its_optimizer_step(tokenizer_dir, sft_files, tmp_path):
+@pytest.fixture(params=["checked on the host", "checked on the device"])
+def finite_check_mode(request, monkeypatch):
+    """Both ways a non-finite loss or gradient norm is caught: read before each optimizer step (CPU), or on the
+    device with the update skipped there and the values read a step later (GPU: DeviceFiniteCheck; forced here)."""
+    if request.param == "checked on the device":
+        monkeypatch.setattr(training_module, "defers_finite_checks", lambda accelerator, optimizer: True)
+    return request.param
+
+
+def test_checking_on_the_device_trains_the_same_run(tokenizer_dir, sft_files, tmp_path, monkeypatch):
+    """The update the fused kernel takes with found_inf = 0 is the plain one: the same metrics, step by step."""
+    train, evaluation = sft_files
+    deferred_steps = []
+    original = training_module.DeviceFiniteCheck.optimizer_step
+
+    def counted(self, *args, **kwargs):
+        deferred_steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training_module.DeviceFiniteCheck, "optimizer_step", counted)
+    timing = {"tokens_per_s", "train_runtime_s"}
+    runs = {}
+    for mode in ("host", "device"):
+        if mode == "device":
+            monkeypatch.setattr(training_module, "defers_finite_checks", lambda accelerator, optimizer: True)
+        config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / mode), max_steps=6, save_every=2)
+        SFTTrainer(config).train()
+        lines = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+        runs[mode] = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+    assert len(deferred_steps) == 6  # the device run went through the deferred check
+    assert any("grad_norm" in record for record in runs["device"])
+    assert runs["device"] == runs["host"]
+
+
+def test_a_nan_loss_stops_sft_before_its_optimizer_step(tokenizer_dir, sft_files, tmp_path, finite_check_mode):
     train, evaluation = sft_files
     config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=6, save_every=2)
     model, tokenizer = load_causal_lm(config.model, seed=0)
@@ -169,7 +204,7 @@ def test_the_cli_prints_the_non_finite_stop_on_a_line_of_its_own(tokenizer_dir, 
     assert re.match(r"rlhf sft: step \d+: the (loss|gradient norm) is (nan|inf|-inf)", last), repr(last)
 
 
-def test_an_infinite_gradient_norm_stops_before_the_step(tokenizer_dir, sft_files, tmp_path):
+def test_an_infinite_gradient_norm_stops_before_the_step(tokenizer_dir, sft_files, tmp_path, finite_check_mode):
     train, evaluation = sft_files
     config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / "run"), max_steps=4)
     model, tokenizer = load_causal_lm(config.model, seed=0)

@@ -22,7 +22,7 @@ from rlhf.errors import Preempted
 from tests.integration.test_ppo import ppo_config, read_jsonl
 
 TIMING = {"rollout_s", "update_s", "episodes_per_s", "generated_tokens_per_s", "tokens_per_s", "train_runtime_s",
-          "train_tokens", "train_episodes", "train_generated_tokens"}  # this session's clock and counts
+          "train_tokens", "train_units", "train_episodes", "train_generated_tokens"}  # this session's clock and counts
 
 
 def signal_at(monkeypatch, module, step: int, signum=signal.SIGTERM, calls: int = 1):

@@ -30,6 +30,7 @@ from rlhf.preference import (chosen_sequences, collate_preferences, collate_pref
                              detect_preference_format, tokenize_preferences)
 from rlhf.scoring import encode_pair, load_reward_model, raw_scores, score_file, score_texts
 from rlhf.trainers.reward import RewardObjective, RewardTrainer, sequence_rewards
+from rlhf.training import as_floats
 from tests.conftest import write_jsonl
 
 TINY = ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)
@@ -465,7 +466,7 @@ def test_a_packed_batch_gives_every_response_the_reward_and_gradient_of_the_padd
         loss_sum, stats = objective.loss_sum(model, batch)
         loss_sum.backward()
         assert objective.count_units(batch) == len(examples)
-        results.append((loss_sum.item(), stats,
+        results.append((loss_sum.item(), as_floats(stats),
                         {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
     reference_loss, reference_stats, reference_gradients = results[0]
     for loss, stats, gradients in results[1:]:

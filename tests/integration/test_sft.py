@@ -375,6 +375,53 @@ def test_a_packed_batch_gives_every_example_the_loss_and_gradient_of_the_padded_
         assert torch.allclose(gradients[0][name], gradients[1][name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt2-eager", "gpt_neox"])
+def test_the_loss_of_right_padded_rows_needs_no_padding_mask(architecture):
+    # The objective leaves the padding mask out (so attention takes its unmasked causal kernels): its loss
+    # and gradients must be those of the forward that is given the mask.
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from rlhf.data import collate_sft
+    from rlhf.models import kept_logits
+
+    torch.manual_seed(0)
+    if architecture.startswith("gpt2"):
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=64))
+        model.set_attn_implementation("eager" if architecture.endswith("eager") else "sdpa")
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=300, num_hidden_layers=2, num_attention_heads=2,
+                                                 hidden_size=32, intermediate_size=64, max_position_embeddings=64))
+    model.eval()
+    examples = random_examples(7, 300, seed=3)
+    batch = collate_sft(examples, pad_token_id=5)  # a pad id the rows also use: only the mask could tell them apart
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths
+    targets = batch["labels"][:, 1:]
+    trained = torch.nn.functional.pad(targets != -100, (0, 1), value=False)
+    results = []
+    for masked in (True, False):
+        model.zero_grad()
+        if masked:  # the reference: the forward given the padding mask
+            logits = kept_logits(model, batch["input_ids"], batch["attention_mask"], trained)
+            loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+        else:
+            loss_sum, _ = LanguageModelingObjective(5).loss_sum(model, batch)
+        loss_sum.backward()
+        results.append((loss_sum.item(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                          if p.grad is not None}))
+    (reference, reference_grads), (loss, grads) = results
+    assert loss == pytest.approx(reference, rel=1e-5)
+    for name, gradient in reference_grads.items():
+        torch.testing.assert_close(grads[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    # Negative control: with the padding on the left, leaving the mask out changes the logits.
+    left = {key: torch.stack([row.roll(int((mask == 0).sum())) for row, mask in zip(value, batch["attention_mask"])])
+            for key, value in batch.items()}
+    keep = torch.nn.functional.pad(left["labels"][:, 1:] != -100, (0, 1), value=False)
+    with torch.no_grad():
+        difference = (kept_logits(model, left["input_ids"], None, keep)
+                      - kept_logits(model, left["input_ids"], left["attention_mask"], keep)).abs().max()
+    assert difference > 1e-3
+
+
 def test_packed_sft_trains_the_loss_curve_of_padded_sft(tokenizer_dir, sft_files, tmp_path):
     train, evaluation = sft_files
     runs = {}

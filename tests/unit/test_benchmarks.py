@@ -275,19 +275,53 @@ def test_gpu_section_shows_the_last_gpu_run_and_nothing_without_one(tmp_path):
              "steady_tokens_per_s": 180123.4, "label": "compiled"},
             {**base, "stage": "ppo", "device": "NVIDIA H200", "date": "2026-11-26", "episodes_per_s": 70.3,
              "generated_tokens_per_s": 9000, "steady_episodes_per_s": 72.0, "steady_rollout_s": 1.9,
-             "steady_update_s": 1.7, "label": "compiled"}]
+             "steady_update_s": 1.7, "label": "compiled"},
+            {**base, "stage": "sft", "device": "NVIDIA H200", "date": "2026-11-26", "real_tokens_per_s": 98000,
+             "label": "both counts", "flops": "matmuls+vocabulary+epochs", "tflops": 140.0, "mfu": 0.142,
+             "mfu_6n": 0.094}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     section = compare.gpu_section(path)
     assert "2026-11-26 on NVIDIA H200" in section and "H100" not in section
-    assert "| as shipped | sft | 123,456 real tokens/s | n/a | 100.0 | 10.1% | 20 | 9.5 GB |" in section
-    assert "| as shipped | ppo | 210.5 episodes/s (26,944 generated tokens/s) | n/a | 100.0 | n/a |" in section
-    assert "| compiled | sft | 99,000 real tokens/s | 180,123 tokens/s | 100.0 | 10.1% |" in section
+    # Rows from before the full count have only the 6·N MFU: in its column, the other one n/a.
+    assert "| as shipped | sft | 123,456 real tokens/s | n/a | 100.0 (6·N) | n/a | 10.1% | 20 | 9.5 GB |" in section
+    assert "| as shipped | ppo | 210.5 episodes/s (26,944 generated tokens/s) | n/a | 100.0 (6·N) | n/a | n/a |" in section
+    assert "| compiled | sft | 99,000 real tokens/s | 180,123 tokens/s | 100.0 (6·N) | n/a | 10.1% |" in section
+    assert "| both counts | sft | 98,000 real tokens/s | n/a | 140.0 | 14.2% | 9.4% | 20 | 9.5 GB |" in section
     assert ("| compiled | ppo | 70.3 episodes/s (9,000 generated tokens/s) | 72.0 episodes/s (a step: rollout 1.9 s, "
             "update 1.7 s) |") in section
     assert "| rm |" not in section  # not measured in that run
     lines = section.splitlines()
     assert lines.index(next(l for l in lines if "| as shipped | ppo" in l)) < lines.index(
         next(l for l in lines if "| compiled | sft" in l))  # the order measured
+
+
+def test_gpu_section_shows_the_last_series_across_calls(tmp_path):
+    path = tmp_path / "gpu.jsonl"
+    base = {"impl": "rlhf", "variant": "gpt2-shaped", "peak_tflops": 989.4, "versions": {"torch": "2.11"},
+            "steps": 50, "peak_gpu_mem_gb": 9.5, "tflops": 100.0, "mfu": 0.101, "stage": "sft", "device": "NVIDIA H200",
+            "date": "2026-12-04"}
+    rows = [{**base, "real_tokens_per_s": 1, "label": "same day, no series"},
+            {**base, "real_tokens_per_s": 2, "label": "first call", "series": "b"},
+            {**base, "real_tokens_per_s": 3, "label": "second call", "series": "b", "date": "2026-12-05"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    section = compare.gpu_section(path)
+    assert "first call" in section and "second call" in section and "no series" not in section
+
+
+def test_gpu_flop_counts_add_the_vocabulary_projection_and_every_ppo_epoch():
+    gpu = pytest.importorskip("gpu")
+    vocabulary = 2 * 768 * 50257  # one token's forward through gpt2's vocabulary projection
+    assert gpu.vocabulary_flops_per_token() == vocabulary
+    # SFT: 6·N per token; forward and backward of the vocabulary projection on the trained tokens only.
+    assert gpu.sft_flops(1000, tokens=300, trained_tokens=200) == 6 * 1000 * 300 + 3 * vocabulary * 200
+    # PPO, one epoch, no vocabulary: the CPU table's 22·N·L.
+    n, prompt, new = 1000, 90, 10
+    one_epoch = gpu.ppo_flops_per_episode(n, prompt, new, ppo_epochs=1)
+    assert one_epoch - vocabulary * new * (1 + 2 + 3) == pytest.approx(22 * n * (prompt + new))
+    assert gpu.ppo_flops_per_episode_6n(n, prompt, new) == pytest.approx(22 * n * (prompt + new))
+    # Four epochs: sampling 2, four scoring forwards 8, and 4 × 12 to train policy and critic.
+    four = gpu.ppo_flops_per_episode(n, prompt, new, ppo_epochs=4)
+    assert four == pytest.approx((2 + 8 + 48) * n * (prompt + new) + vocabulary * new * (1 + 2 + 12))
 
 
 def test_gpu_script_overrides_apply_to_every_stage_or_to_the_one_named():
@@ -485,6 +519,8 @@ def test_supervised_loop_logs_train_runtime_and_tokens_with_its_last_step(tokeni
     assert timed[0]["train_runtime_s"] > 0
     examples, _ = load_sft_examples(config.data, load_tokenizer(config.model), 64, 0)
     assert timed[0]["train_tokens"] == sum(len(e["input_ids"]) for e in examples)  # every real token, once
+    # The loss's units: every trained (predicted) response token, once.
+    assert timed[0]["train_units"] == sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
     assert bench_common.training_record(tmp_path / "run") == timed[0]
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf.functional import exclusive_cumsum_positions, logprobs_from_logits, truncate_after_eos
-from rlhf.generation import draw_tokens, filter_logits, preallocated_cache, sample_with_logprobs
+from rlhf.generation import AllStoppedFlags, draw_tokens, filter_logits, preallocated_cache, sample_with_logprobs
 
 VOCAB, PAD, EOS = 64, 0, 1
 TEMPERATURE = 0.7
@@ -288,3 +289,27 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
     second = sample(model, seed=3)
     assert torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])
     assert math.isfinite(float(first[3].sum()))
+
+
+@pytest.mark.parametrize("lag", [1, 3, 100])
+def test_reading_the_stop_flag_late_samples_the_same_tokens(lag):
+    # On a GPU the flag "every row has stopped" is read a few steps late, so the host need not wait for
+    # each step; the steps decoded past the stop are cut off. Forced here on the CPU: the same result.
+    model = eos_prone_gpt2(eos_logit=2.5)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14], [15], [16, 17]]
+    prompt_ids, prompt_mask = left_padded(prompts)
+    runs = []
+    for check_lag in (0, lag):
+        generator = torch.Generator().manual_seed(0)
+        runs.append(sample_with_logprobs(model, prompt_ids, prompt_mask, 60, 1.0, 0, 1.0, EOS, PAD, generator,
+                                         stop_check_lag=check_lag))
+    (eager_ids, eager_logprobs), (late_ids, late_logprobs) = runs
+    assert eager_ids.shape[1] < 60  # every row stopped early: the cut was needed
+    assert torch.equal(late_ids, eager_ids) and torch.equal(late_logprobs, eager_logprobs)
+
+
+def test_all_stopped_flags_report_the_first_step_at_which_every_row_had_stopped():
+    flags = AllStoppedFlags(torch.device("cpu"), lag=2)
+    states = [[False, False], [True, False], [True, True], [True, True], [True, True]]
+    reported = [flags.first_stop(torch.tensor(state), index) for index, state in enumerate(states)]
+    assert reported == [None, None, None, None, 2]  # step 2's flag, read two steps later
