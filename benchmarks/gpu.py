@@ -214,8 +214,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help=(
         "check the script itself on CPU: a 2-layer d=128 model with gpt2's vocabulary, 2 steps, results not kept"))
     parser.add_argument("--profile", nargs="?", const="sft", choices=["sft", "rm", "ppo"], help=(
-        "run this stage (default sft) under torch.profiler after its first half of optimizer steps: its 20 most "
-        "expensive operations by CPU and by GPU time, and the share of the wall time the GPU was busy"))
+        "record ten optimizer steps of this stage (default sft; PPO: two PPO steps) near the end of its run, start-up "
+        "behind it, under torch.profiler: its 20 most expensive operations by CPU and by GPU time, and the share "
+        "of the wall time the GPU was busy"))
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
                         help="a config override for every stage, or for one (sft:, rm:, ppo:); repeatable")
     parser.add_argument("--label", default=None, help="the row's name in the results (default: the overrides)")
