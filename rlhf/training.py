@@ -1001,8 +1001,9 @@ class SupervisedLoop:
                         window_sums[key] = window_sums.get(key, 0.0) + value
                     window_tokens += tokens
                     state.examples_seen += num_examples
-                if not is_deepspeed(accelerator) and self.finite_check is None:  # before the optimizer step, which a
-                    check_finite(accelerator, state.step + 1, {"the loss": step_loss}, self.run)  # NaN must not take
+                # Before the optimizer step, which a non-finite loss must not take (DeviceFiniteCheck: on the device).
+                if not is_deepspeed(accelerator) and self.finite_check is None:
+                    check_finite(accelerator, state.step + 1, {"the loss": step_loss}, self.run)
                 window_units += local_units
                 lr = self.scheduler.get_last_lr()[0]
                 grad_norm = optimizer_step(accelerator, self.model, self.optimizer, self.scheduler, training.max_grad_norm,
