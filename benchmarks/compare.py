@@ -4,8 +4,9 @@
     python benchmarks/compare.py [--rounds 3] [--stages sft,rm,ppo] [--skip-double]
 
 Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), ours with each
-documented speed key that is off by default (LEVERS: training.packing, training.compile), the TRL
-anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116 venv, trl_ppo.py in trl029), the
+documented speed key that is off by default (LEVERS: training.packing, training.compile, SFT's
+training.fused_cross_entropy), the TRL anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116
+venv, trl_ppo.py in trl029), the
 plain-torch ceiling for that stage alone (anchors/torch_ceiling.py --stage <stage>, trl116, so its
 peak RSS is the stage's own) and ours on the 2x-length variant; anchors/peak_flops.py runs once
 first. Interleaving spreads a machine's slow phases over every implementation; medians over rounds
@@ -50,7 +51,8 @@ IMPLEMENTATIONS = (("rlhf", "1x", "ours"), ("trl", "1x", "TRL"), ("ceiling", "1x
 # The documented speed keys that are off by default, each measured as a row of its own ("ours, <keys>"):
 # a stage's best row is the fastest of ours with its defaults and these, compilation time counted.
 LEVERS = {
-    "sft": {"packing": ["training.packing=true"], "compile": ["training.compile=true"]},
+    "sft": {"packing": ["training.packing=true"], "compile": ["training.compile=true"],
+            "fused_ce": ["training.fused_cross_entropy=true"]},
     "rm": {"packing": ["training.packing=true"], "compile": ["training.compile=true"]},
     "ppo": {"compile": ["training.compile=true"]},
 }

@@ -147,6 +147,12 @@ class TrainingConfig:
         "training starts). RM: an example is its prompt (once with prefix_sharing) and its responses, each response "
         "seeing only the prompt and itself through a 4D attention mask the model must apply (also checked). PPO pads "
         "its batches"))
+    fused_cross_entropy: bool = param(False, help=(
+        "SFT: compute the loss from the last hidden states and the output layer in chunks, each chunk's logits "
+        "turned into their gradient at once (a fused linear cross-entropy, as Liger-Kernel's, in torch operations): "
+        "the full logits are never kept, less memory and one pass over them, the same loss and gradients up to float "
+        "rounding. Needs a plain linear output layer whose output is the logits (checked when training starts); "
+        "not with FSDP or DeepSpeed ZeRO-3, whose output layer is sharded outside the forward"))
     eval_batch_size: int | None = param(None, help="examples per device when evaluating (default: batch_size)", min=1)
     lr: float = param(5e-5, help="peak learning rate", min=0.0)
     weight_decay: float = param(0.0, help="AdamW decoupled weight decay", min=0.0)
@@ -318,6 +324,9 @@ class RewardConfig:
                             "data.eval_fraction > 0, or use normalization.set=train")
         if self.normalization.scale and norm_set == "none":
             problems.append("normalization.scale: true needs a normalization.set other than none")
+        if self.training.fused_cross_entropy:
+            problems.append("training.fused_cross_entropy: SFT only; the reward model has no vocabulary loss "
+                            "(set it to false)")
         if self.prefix_sharing and self.training.gradient_checkpointing and not self.training.packing:
             # Packed, a prompt and its responses run as one segment under a mask: no cache to keep.
             problems.append("prefix_sharing: the responses attend to their prompt's key/value cache, which "
@@ -712,6 +721,8 @@ class PPOConfig:
             problems.append("ppo.ptx_data: required when ppo.ptx_coef > 0")
         if self.training.packing:
             problems.append("training.packing: SFT only; PPO pads its rollouts (set it to false)")
+        if self.training.fused_cross_entropy:
+            problems.append("training.fused_cross_entropy: SFT only (set it to false)")
         if self.training.gradient_accumulation_steps != 1:
             problems.append("training.gradient_accumulation_steps: PPO derives accumulation from "
                             "ppo.num_minibatches and training.batch_size; leave it at 1")

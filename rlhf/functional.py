@@ -49,6 +49,7 @@ __all__ = [
     "adaptive_kl_coef",
     "exclusive_cumsum_positions",
     "masked_lm_loss",
+    "linear_cross_entropy_sum",
 ]
 
 # Bound on |log π_ref − log π| before exp in k3 (ORL `compute_approx_kl` clamps the same way):
@@ -760,3 +761,98 @@ def masked_lm_loss(
     )
     num_tokens = (shifted_labels != ignore_index).sum()
     return loss_sum / num_tokens.clamp(min=1), num_tokens
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """Σ_i CE(hidden_i · Wᵀ + b, target_i), its gradients computed in the forward, chunk by chunk.
+
+    Each chunk's logits are made, reduced to their loss and turned into their gradient
+    (softmax − one-hot) at once, then dropped: the full (N, V) logits, their log-softmax and
+    its gradient never exist, and the backward only scales the stored input gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, align, grad_enabled):
+        vocab = weight.shape[0]
+        padding = -vocab % align
+        if padding:  # zero rows to an aligned width (fast GEMM kernels); their logits are cut before the softmax
+            weight = F.pad(weight, (0, 0, 0, padding))
+            bias = None if bias is None else F.pad(bias, (0, padding))
+        # needs_input_grad says what requires a gradient even under no_grad; then none is made.
+        need_hidden, need_weight, need_bias = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
+        loss_sum = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            hidden_chunk = hidden[start:start + chunk_rows]
+            target_chunk = targets[start:start + chunk_rows]
+            padded_logits = _upcast(F.linear(hidden_chunk, weight, bias))
+            logits = padded_logits[:, :vocab]
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(len(target_chunk), device=logits.device)
+            loss_sum += (log_normalizer - logits[rows, target_chunk]).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            # d loss / d logits = softmax - one-hot, made in the logits' own memory
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            grad_logits[rows, target_chunk] -= 1.0
+            if padding:
+                padded_logits[:, vocab:] = 0.0
+            # The gradient matmuls in the forward's dtypes (under autocast: its dtype), accumulated in float32.
+            grad_padded = padded_logits.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start:start + chunk_rows] = grad_padded @ weight.to(hidden.dtype)
+            if need_weight:
+                chunk_grad_weight = grad_padded.t() @ hidden_chunk.to(grad_padded.dtype)
+                grad_weight += chunk_grad_weight.to(accumulate)
+            if need_bias:
+                grad_bias += padded_logits.sum(dim=0).to(accumulate)
+        if need_weight:
+            grad_weight = grad_weight[:vocab].to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias[:vocab].to(bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if grad is None else grad * grad_loss.to(grad.dtype) for grad in (grad_hidden, grad_weight, grad_bias)]
+        return (*scaled, None, None, None, None)
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_rows: int = 256,
+    align: int = 1,
+) -> torch.Tensor:
+    """Summed next-token cross-entropy of the logits ``hidden @ weight.T + bias``, without the logits.
+
+    The same value and gradients as ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets,
+    reduction="sum")`` up to float rounding (logits and loss in at least float32), computed ``chunk_rows``
+    rows at a time, each chunk's gradient made in the forward pass (the "fused linear cross-entropy" of
+    Liger-Kernel, here in plain torch operations): memory for one chunk's logits instead of all of them,
+    and one pass over them instead of log-softmax, its saved output and its backward.
+
+    Args:
+        hidden: (N, D) the hidden states of the N predicted positions.
+        weight: (V, D) the output projection; ``bias``: (V,) or None.
+        targets: (N,) token ids, all of them trained (select the positions beforehand).
+        chunk_rows: rows per chunk: bigger chunks make bigger matmuls, smaller ones less memory.
+        align: compute with the vocabulary padded by zero rows to a multiple of this (GPU GEMM
+            alignment); the padded logits never enter the softmax.
+
+    Returns:
+        A scalar (float32, or float64 for float64 inputs). Without grad mode, or when no input requires a
+        gradient, no gradient is made.
+    """
+    if chunk_rows < 1 or align < 1:
+        raise ValueError(f"chunk_rows and align must be >= 1, got {chunk_rows} and {align}")
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}")
+    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows, align, torch.is_grad_enabled())

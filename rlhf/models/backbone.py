@@ -493,6 +493,16 @@ def _accepted_logits_to_keep(model) -> tuple[bool, bool, bool]:
     return takes_int, takes_int and own_class and hasattr(modeling_utils, "slice_logits_to_keep"), takes_cache
 
 
+def _forward_inputs(model, input_ids, attention_mask, position_ids) -> tuple[bool, bool, dict]:
+    takes_int, takes_mask, takes_cache = _accepted_logits_to_keep(model)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if takes_cache:  # no key/value cache: nothing reads it, and under gradient checkpointing transformers warns
+        inputs["use_cache"] = False
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    return takes_int, takes_mask, inputs
+
+
 def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: torch.Tensor | int,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """A causal LM's logits only at the positions a loss reads, so the vocabulary projection
@@ -504,12 +514,7 @@ def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     Calls ``model(...)`` itself, so a DDP-wrapped model still synchronises its gradients; falls
     back to full logits, then selection, for models without ``logits_to_keep``.
     """
-    takes_int, takes_mask, takes_cache = _accepted_logits_to_keep(model)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
-    if takes_cache:  # no key/value cache: nothing reads it, and under gradient checkpointing transformers warns
-        inputs["use_cache"] = False
-    if position_ids is not None:
-        inputs["position_ids"] = position_ids
+    takes_int, takes_mask, inputs = _forward_inputs(model, input_ids, attention_mask, position_ids)
     if isinstance(keep, int):
         if takes_int:
             return model(**inputs, logits_to_keep=keep).logits
@@ -517,3 +522,85 @@ def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     if takes_mask:
         return model(**inputs, logits_to_keep=keep).logits
     return model(**inputs).logits[keep]
+
+
+# ----------------------------------------------------------------------------- the loss without the logits
+
+def output_projection(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's vocabulary projection if it is a plain linear layer (``nn.Linear``, or the
+    ``VocabAlignedLinear`` it may have become), which a fused linear cross-entropy can stand in for; None for
+    any other head (quantized, LoRA-wrapped, custom), whose forward only the head itself knows."""
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers keep the model in .module
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    return head if type(head) in (torch.nn.Linear, VocabAlignedLinear) else None
+
+
+def fused_chunk_rows(weight: torch.Tensor) -> int:
+    """Rows per chunk for ``linear_cross_entropy_sum`` over the output layer ``weight``: about 16 MiB of float32
+    logits on a CPU, 1 GiB on a GPU, and at least 512 rows, so each chunk's matmuls stay large (on the benchmark's
+    8,193-token vocabulary and 2 CPU threads, chunks of 256 rows ran the forward matmul at ~90 GFLOP/s against
+    ~140 for all 1,472 rows at once; 512 rows was the fastest of 256, 512, 768 and 1,472)."""
+    budget = (1 << 30) if weight.is_cuda else (16 << 20)
+    return max(512, budget // (4 * weight.shape[0]))
+
+
+def kept_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The hidden states the vocabulary projection would read at the positions ``keep`` (a (B, T) bool mask)
+    marks, as (keep.sum(), D) in row-major order, without the projection: ``kept_logits`` less its last matmul.
+
+    The model runs as ``kept_logits`` runs it (``model(...)`` itself, so DDP still synchronises); a hook takes
+    the projection's input and hands the projection an empty slice of it instead, so whatever the model does
+    before its head (final norm, slicing) is kept, and the projection's own matmul costs nothing. Valid for
+    models whose logits are their ``output_projection`` applied to that input, which
+    ``check_fused_cross_entropy_support`` verifies.
+    """
+    head = output_projection(model)
+    if head is None:
+        raise ValueError("the model's output embeddings are not a plain linear layer")
+    taken: list[torch.Tensor] = []
+
+    def take_input(_module, args):
+        taken.append(args[0])
+        return (args[0][..., :0, :],)
+
+    _, takes_mask, inputs = _forward_inputs(model, input_ids, attention_mask, position_ids)
+    handle = head.register_forward_pre_hook(take_input)
+    try:
+        model(**inputs, logits_to_keep=keep) if takes_mask else model(**inputs)
+    finally:
+        handle.remove()
+    hidden = taken[-1]
+    return hidden if hidden.dim() == 2 else hidden[keep]  # without the mask form of logits_to_keep: every row
+
+
+@torch.no_grad()
+def check_fused_cross_entropy_support(model: torch.nn.Module) -> None:
+    """Raise ``UserError`` unless ``model``'s logits are its output projection applied to the hidden states
+    ``kept_hidden_states`` takes (``training.fused_cross_entropy``): a head that scales or caps its logits
+    afterwards (logit soft-capping, a logit scale) would train on another loss than the model computes."""
+    head = output_projection(model)
+    if head is None:
+        inner = getattr(model, "module", model)
+        get_head = getattr(inner, "get_output_embeddings", None)
+        found = type(get_head()).__name__ if get_head is not None and get_head() is not None else "none"
+        raise UserError(f"training.fused_cross_entropy: the model's output layer is {found}, not a plain linear "
+                        "layer (a LoRA-wrapped, quantized or custom head); set training.fused_cross_entropy=false")
+    vocab = model.get_input_embeddings().num_embeddings
+    device = head.weight.device
+    ids = torch.randint(vocab, (1, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    try:
+        with full_precision_attention(model):
+            logits = kept_logits(model, ids, None, keep).float()
+            hidden = kept_hidden_states(model, ids, None, keep)
+            projected = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    finally:
+        model.train(was_training)
+    if projected.shape != logits.shape or packing_changed_outputs(logits, projected):
+        raise UserError(f"training.fused_cross_entropy: {type(model).__name__}'s logits are not its output layer "
+                        "applied to its last hidden states (its head scales or caps them); set "
+                        "training.fused_cross_entropy=false")

@@ -15,10 +15,13 @@ import torch.nn.functional as F
 from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, collate_sft_packed, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
-from rlhf.models import (adopt_model, check_packing_support, kept_logits, load_causal_lm, make_trainable,
-                         resolve_max_length, save_merged)
-from rlhf.training import (SupervisedLoop, as_floats, end_training, full_weights, save_pretrained_atomic, start_run, stops_gracefully,
-                           write_jsonl)
+from rlhf.errors import UserError
+from rlhf.functional import linear_cross_entropy_sum
+from rlhf.models import (VOCAB_ALIGNMENT, adopt_model, check_fused_cross_entropy_support, check_packing_support,
+                         fused_chunk_rows, kept_hidden_states, kept_logits, load_causal_lm, make_trainable,
+                         output_projection, pads_projection, resolve_max_length, save_merged)
+from rlhf.training import (SupervisedLoop, as_floats, end_training, full_weights, save_pretrained_atomic, shards_weights,
+                           start_run, stops_gracefully, write_jsonl)
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +30,15 @@ class LanguageModelingObjective:
     """Next-token loss summed over trained tokens; units = trained tokens, so the step loss is a token mean.
 
     ``pack_length``: pack each batch's examples into rows of at most this many tokens instead of padding
-    (``training.packing``; the model must pass ``check_packing_support``). The loss is the same sum.
+    (``training.packing``; the model must pass ``check_packing_support``). ``fused``: training forwards compute
+    the loss from the hidden states and the output layer without the logits (``training.fused_cross_entropy``;
+    the model must pass ``check_fused_cross_entropy_support``). The loss is the same sum either way.
     """
 
-    def __init__(self, pad_token_id: int, pack_length: int | None = None):
+    def __init__(self, pad_token_id: int, pack_length: int | None = None, fused: bool = False):
         self.pad_token_id = pad_token_id
         self.pack_length = pack_length
+        self.fused = fused
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if self.pack_length:
@@ -51,15 +57,21 @@ class LanguageModelingObjective:
         targets = batch["labels"][:, 1:]
         trained = targets != IGNORE_INDEX
         predicts_trained = F.pad(trained, (0, 1), value=False)  # (B, T): the last position predicts nothing
-        if "position_ids" in batch:  # packed: the boundaries are in the positions; a mask would hide them
-            logits = kept_logits(model, batch["input_ids"], None, predicts_trained, position_ids=batch["position_ids"])
+        # Packed rows carry their boundaries in the position ids (a mask would hide them). Padded rows are
+        # right-padded and attention is causal: a real token attends only to the tokens before it, all real, so
+        # the padding mask changes no logit the loss reads; without it the model takes its unmasked causal path
+        # (flash attention through SDPA on a GPU; the masked memory-efficient kernels took a fifth of the gpt2
+        # preset's SFT kernel time on an H200).
+        position_ids = batch.get("position_ids")
+        if self.fused and torch.is_grad_enabled():  # evaluation keeps the plain path: no gradient to make
+            hidden = kept_hidden_states(model, batch["input_ids"], None, predicts_trained, position_ids=position_ids)
+            head = output_projection(model)
+            loss_sum = linear_cross_entropy_sum(hidden, head.weight, targets[trained], head.bias,
+                                                chunk_rows=fused_chunk_rows(head.weight),
+                                                align=VOCAB_ALIGNMENT if pads_projection(head.weight) else 1)
         else:
-            # The rows are right-padded and attention is causal: a real token attends only to the tokens before
-            # it, all real, so the padding mask changes no logit the loss reads. Without it the model takes its
-            # unmasked causal path (flash attention through SDPA on a GPU; the masked memory-efficient kernels
-            # took a fifth of the gpt2 preset's SFT kernel time on an H200).
-            logits = kept_logits(model, batch["input_ids"], None, predicts_trained)
-        loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
+            logits = kept_logits(model, batch["input_ids"], None, predicts_trained, position_ids=position_ids)
+            loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
         return loss_sum, {"loss": loss_sum.detach().double()}
 
     def summarize(self, sums: dict[str, float], units: float) -> dict[str, float]:
@@ -115,12 +127,18 @@ class SFTTrainer:
 
         loop = SupervisedLoop(accelerator=accelerator, model=self.model,
                               objective=LanguageModelingObjective(self.tokenizer.pad_token_id,
-                                                                  max_length if config.training.packing else None),
+                                                                  max_length if config.training.packing else None,
+                                                                  fused=config.training.fused_cross_entropy),
                               train_examples=train_examples, eval_examples=eval_examples,
                               training=config.training, run=run, progress_desc="sft")
         if config.training.packing:  # every process: sharded weights are gathered for the check
             with full_weights(accelerator, loop.model) as model:
                 check_packing_support(model)
+        if config.training.fused_cross_entropy:
+            if shards_weights(accelerator):
+                raise UserError("training.fused_cross_entropy: the output layer is sharded outside the forward under "
+                                "FSDP and DeepSpeed ZeRO-3; set training.fused_cross_entropy=false")
+            check_fused_cross_entropy_support(loop.model)
         logger.info("SFT: %d train / %d eval examples, %d optimizer steps", len(train_examples),
                     len(eval_examples), loop.total_steps)
         loop.train(resume_from=resume_from)

@@ -442,6 +442,73 @@ def test_packed_sft_trains_the_loss_curve_of_padded_sft(tokenizer_dir, sft_files
     assert tokens[0] == tokens[1] == tokens[2] > 0  # real tokens counted, not padding
 
 
+def test_fused_cross_entropy_trains_the_loss_curve_of_the_logits(tokenizer_dir, sft_files, tmp_path):
+    # training.fused_cross_entropy: the loss from hidden states and output layer, never the logits; padded and
+    # packed batches must train the curves of the plain loss (GPT-2: the output layer tied to the embeddings).
+    train, evaluation = sft_files
+    runs = {}
+    for fused, packing in ((False, False), (True, False), (True, True)):
+        config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / f"fused-{fused}-{packing}"),
+                                 max_steps=6, eval_every=3, packing=packing, fused_cross_entropy=fused)
+        config.logging.num_samples = 0
+        SFTTrainer(config).train()
+        runs[fused, packing] = read_metrics(config.output_dir)
+    for key in ("loss", "eval/loss", "grad_norm"):
+        plain = [m[key] for m in runs[False, False] if key in m]
+        for run in (runs[True, False], runs[True, True]):
+            fused = [m[key] for m in run if key in m]
+            assert len(plain) >= 3 and fused == pytest.approx(plain, rel=1e-4), key
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt-neox"])
+def test_fused_objective_gives_the_loss_and_gradients_of_the_logits(architecture):
+    # GPT-NeoX's output layer (embed_out) is its own weight, GPT-2's is the embedding: both get their gradient.
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from rlhf.data import collate_sft
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=64))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=300, num_hidden_layers=2, num_attention_heads=2,
+                                                 hidden_size=32, intermediate_size=64, max_position_embeddings=64))
+    model.eval()  # no dropout: both forwards see the same network
+    batch = collate_sft(random_examples(7, 300, seed=4), pad_token_id=5)
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        loss_sum, stats = LanguageModelingObjective(5, fused=fused).loss_sum(model, batch)
+        loss_sum.backward()
+        results.append((loss_sum.item(), stats["loss"].item(),
+                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (plain, _, plain_grads), (fused, fused_stat, fused_grads) = results
+    assert fused == pytest.approx(plain, rel=1e-5) and fused_stat == pytest.approx(fused)
+    assert plain_grads.keys() == fused_grads.keys()
+    for name, gradient in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation: the plain path, no gradients made
+        assert LanguageModelingObjective(5, fused=True).loss_sum(model, batch)[0].item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_fused_cross_entropy_is_refused_for_a_head_that_changes_its_logits(tokenizer_dir, sft_files, tmp_path):
+    class CappedLogits(GPT2LMHeadModel):  # what logit soft-capping (Gemma 2) or a logit scale (Cohere) does
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = 30.0 * torch.tanh(output.logits / 30.0)
+            return output
+
+    _, tokenizer = load_causal_lm(tiny_sft_config(tokenizer_dir, "x", None, "y").model)
+    model = CappedLogits(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    torch.nn.init.normal_(model.lm_head.weight, std=30.0)  # logits large enough for the cap to show
+    train, _ = sft_files
+    config = tiny_sft_config(tokenizer_dir, train, None, str(tmp_path / "run"), max_steps=1, fused_cross_entropy=True)
+    with pytest.raises(UserError, match=r"^training.fused_cross_entropy: CappedLogits's logits are not its output "
+                                        r"layer applied to its last hidden states"):
+        SFTTrainer(config, model=model, tokenizer=tokenizer).train()
+    assert not os.path.exists(os.path.join(config.output_dir, "final"))
+
+
 def test_packing_is_refused_for_a_model_that_attends_across_examples(tokenizer_dir, sft_files, tmp_path):
     class IgnoresPositions(GPT2LMHeadModel):  # what remote code written before packed position ids does
         def forward(self, input_ids=None, position_ids=None, **kwargs):

@@ -206,6 +206,7 @@ def test_the_plan_runs_each_lever_of_a_stage_unless_told_not_to(tmp_path):
     levers = [(stage, variant, argv[2:]) for _, stage, impl, variant, argv in plan
               if impl == "rlhf" and variant != "1x"]
     assert levers == [("sft", "packing", ["training.packing=true"]), ("sft", "compile", ["training.compile=true"]),
+                      ("sft", "fused_ce", ["training.fused_cross_entropy=true"]),
                       ("rm", "packing", ["training.packing=true"]), ("rm", "compile", ["training.compile=true"]),
                       ("ppo", "compile", ["training.compile=true"])]
     plan = compare.run_plan(places, list(compare.STAGES), rounds=1, skip_double=True, skip_levers=True)

@@ -332,6 +332,16 @@ def test_packing_is_refused_where_batches_are_padded():
         load_config(PPOConfig, "configs/ppo.yaml", ["training.packing=true"])
 
 
+@pytest.mark.parametrize("stage,path", [("rm", "configs/rm.yaml"), ("ppo", "configs/ppo.yaml")])
+def test_fused_cross_entropy_is_sft_only(stage, path):
+    from rlhf.config import PPOConfig, RewardConfig
+
+    config_class = {"rm": RewardConfig, "ppo": PPOConfig}[stage]
+    with pytest.raises(UserError, match=r"training.fused_cross_entropy: SFT only"):
+        load_config(config_class, path, ["training.fused_cross_entropy=true"])
+    assert load_config(SFTConfig, "configs/sft.yaml", ["training.fused_cross_entropy=true"]).training.fused_cross_entropy
+
+
 @pytest.mark.parametrize("prefix_sharing", ["true", "false"])
 def test_packing_is_accepted_for_the_reward_model(prefix_sharing):
     from rlhf.config import RewardConfig

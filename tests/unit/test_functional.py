@@ -22,6 +22,7 @@ from rlhf.functional import (
     kl_k3,
     kl_penalty,
     last_valid_index,
+    linear_cross_entropy_sum,
     logprobs_from_logits,
     masked_lm_loss,
     masked_mean,
@@ -779,3 +780,75 @@ def test_masked_lm_loss_matches_cross_entropy_and_handles_empty():
 
     empty_loss, empty_count = masked_lm_loss(logits, torch.full((2, 6), -100))
     assert empty_count.item() == 0 and empty_loss.item() == 0.0
+
+
+def test_linear_cross_entropy_sum_hand_example():
+    # D = 2, V = 3, weight rows e0, e1, (1, 1); no bias.
+    #   h = (0, 0): logits (0, 0, 0), target 1: −ln(1/3) = 1.098612; d/dz = (1/3, −2/3, 1/3)
+    #   h = (ln 2, 0): logits (ln 2, 0, ln 2), p = (2/5, 1/5, 2/5), target 0: −ln(2/5) = 0.916291;
+    #   d/dz = (−3/5, 1/5, 2/5)
+    # sum = 2.014903; d/dh = d/dz · W: row 0 (1/3 + 1/3, −2/3 + 1/3) = (2/3, −1/3), row 1 (−1/5, 3/5)
+    # d/dW = Σ_rows (d/dz)ᵀ h: only row 1 has h ≠ 0: column 0 = ln 2 · (−3/5, 1/5, 2/5), column 1 = 0
+    hidden = torch.tensor([[0.0, 0.0], [math.log(2.0), 0.0]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    loss = linear_cross_entropy_sum(hidden, weight, torch.tensor([1, 0]), chunk_rows=1)
+    close(loss, 2.014903)
+    loss.backward()
+    close(hidden.grad, torch.tensor([[2 / 3, -1 / 3], [-1 / 5, 3 / 5]], dtype=torch.float64))
+    ln2 = math.log(2.0)
+    close(weight.grad, torch.tensor([[-0.6 * ln2, 0.0], [0.2 * ln2, 0.0], [0.4 * ln2, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("chunk_rows,align,with_bias", [(1, 1, False), (5, 1, True), (7, 64, True), (100, 8, False)])
+def test_linear_cross_entropy_sum_equals_cross_entropy_of_the_logits(chunk_rows, align, with_bias):
+    # The oracle: the loss and gradients of the logits made whole, in float64, for any chunking and padding.
+    torch.manual_seed(15)
+    hidden0, weight0, bias0 = torch.randn(23, 8, dtype=torch.float64), torch.randn(37, 8, dtype=torch.float64), \
+        torch.randn(37, dtype=torch.float64)
+    targets = torch.randint(0, 37, (23,))
+    results = []
+    for fused in (False, True):
+        hidden, weight, bias = (t.clone().requires_grad_() for t in (hidden0, weight0, bias0))
+        if fused:
+            loss = linear_cross_entropy_sum(hidden, weight, targets, bias if with_bias else None,
+                                            chunk_rows=chunk_rows, align=align)
+        else:
+            logits = torch.nn.functional.linear(hidden, weight, bias if with_bias else None)
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        (2.5 * loss).backward()  # the backward scales the stored gradients by the incoming one
+        results.append((loss.detach(), hidden.grad, weight.grad, bias.grad))
+    (loss, *grads), (fused_loss, *fused_grads) = results
+    assert fused_loss.dtype == torch.float64
+    close(fused_loss, loss, atol=1e-10)
+    for name, grad, fused_grad in zip(("hidden", "weight", "bias"), grads, fused_grads):
+        if grad is None:
+            assert fused_grad is None and not with_bias, name
+        else:
+            torch.testing.assert_close(fused_grad, grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_linear_cross_entropy_sum_in_float32_frozen_weight_and_no_grad():
+    torch.manual_seed(16)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(50, 16)  # frozen (LoRA): no weight gradient is asked for or made
+    targets = torch.randint(0, 50, (40,))
+    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_rows=16)
+    expected = torch.nn.functional.cross_entropy(hidden.detach() @ weight.t(), targets, reduction="sum")
+    assert loss.dtype == torch.float32
+    close(loss, expected, atol=1e-4)
+    loss.backward()
+    reference = hidden.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(reference @ weight.t(), targets, reduction="sum").backward()
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        untracked = linear_cross_entropy_sum(hidden, weight, targets, chunk_rows=16)
+    assert not untracked.requires_grad
+    close(untracked, expected, atol=1e-4)
+
+
+def test_linear_cross_entropy_sum_rejects_bad_arguments():
+    hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="chunk_rows and align must be >= 1"):
+        linear_cross_entropy_sum(hidden, weight, torch.zeros(3, dtype=torch.long), chunk_rows=0)
+    with pytest.raises(ValueError, match="hidden has 3 rows but targets 2"):
+        linear_cross_entropy_sum(hidden, weight, torch.zeros(2, dtype=torch.long))
