@@ -208,3 +208,19 @@ def test_reward_model_gradient_checkpointing_leaves_the_loss_curve_unchanged(sft
         RewardTrainer(config).train()
         curves[checkpointing] = losses(config.output_dir)
     assert curves[True] == pytest.approx(curves[False], abs=1e-6) and len(curves[True]) == 3
+
+
+def test_fused_cross_entropy_with_lora_trains_the_loss_curve_of_the_logits(sft_lora_run, tokenizer_dir):
+    # Under LoRA the output layer is frozen: the fused loss makes no gradient for it, and the adapters train as before.
+    config, _, _, root = sft_lora_run
+    curves = {}
+    for fused in (False, True):
+        run = tiny_sft_config(tokenizer_dir, config.data.path, None, str(root / f"fused-{fused}"), lr=2e-2,
+                              max_steps=4, fused_cross_entropy=fused)
+        run.model.lora = LORA
+        run.logging.num_samples = 0
+        SFTTrainer(run).train()
+        curves[fused] = [(m["loss"], m["grad_norm"]) for m in read_metrics(run.output_dir) if "loss" in m]
+    assert len(curves[True]) == 4
+    for (loss, norm), (fused_loss, fused_norm) in zip(curves[False], curves[True]):
+        assert fused_loss == pytest.approx(loss, rel=1e-5) and fused_norm == pytest.approx(norm, rel=1e-4)
