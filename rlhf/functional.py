@@ -819,7 +819,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scaled = [None if grad is None else grad * grad_loss.to(grad.dtype) for grad in (grad_hidden, grad_weight, grad_bias)]
+        scaled = [None if grad is None else grad * grad_loss.to(grad.dtype)
+                  for grad in (grad_hidden, grad_weight, grad_bias)]
         return (*scaled, None, None, None, None)
 
 

@@ -27,10 +27,9 @@ from rlhf.models.onednn import packed_cpu_linears
 
 __all__ = [
     "PAD_TOKEN", "ScalarHeadModel", "VOCAB_ALIGNMENT", "adopt_model", "build_fresh_gpt2",
-    "check_fused_cross_entropy_support", "check_packing_support",
-    "check_segment_mask_support",
-    "checkpoint_architectures", "compile_blocks", "disable_dropout",
-    "ensure_pad_token", "fused_chunk_rows", "has_trained_head", "kept_hidden_states", "kept_logits", "load_causal_lm", "load_reward_model", "load_scalar_model",
-    "load_tokenizer",
-    "make_trainable", "output_projection", "packed_cpu_linears", "pads_projection", "resolve_max_length", "save_merged", "transformer_blocks", "use_fused_gelu",
+    "check_fused_cross_entropy_support", "check_packing_support", "check_segment_mask_support",
+    "checkpoint_architectures", "compile_blocks", "disable_dropout", "ensure_pad_token", "fused_chunk_rows",
+    "has_trained_head", "kept_hidden_states", "kept_logits", "load_causal_lm", "load_reward_model",
+    "load_scalar_model", "load_tokenizer", "make_trainable", "output_projection", "packed_cpu_linears",
+    "pads_projection", "resolve_max_length", "save_merged", "transformer_blocks", "use_fused_gelu",
 ]

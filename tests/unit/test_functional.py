@@ -852,3 +852,29 @@ def test_linear_cross_entropy_sum_rejects_bad_arguments():
         linear_cross_entropy_sum(hidden, weight, torch.zeros(3, dtype=torch.long), chunk_rows=0)
     with pytest.raises(ValueError, match="hidden has 3 rows but targets 2"):
         linear_cross_entropy_sum(hidden, weight, torch.zeros(2, dtype=torch.long))
+
+
+def test_linear_cross_entropy_sum_under_bf16_autocast_and_with_bf16_weights():
+    # What a GPU run with training.mixed_precision=bf16 does (autocast), and a model kept in bf16.
+    torch.manual_seed(17)
+    hidden0, weight0, targets = torch.randn(100, 32), 0.3 * torch.randn(77, 32), torch.randint(0, 77, (100,))
+    results = []
+    for fused in (False, True):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_rows=30, align=64)
+            else:
+                loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets,
+                                                         reduction="sum")
+        loss.backward()
+        results.append((loss, hidden.grad, weight.grad))
+    (loss, hidden_grad, weight_grad), (fused_loss, fused_hidden_grad, fused_weight_grad) = results
+    assert fused_loss.dtype == torch.float32 and fused_weight_grad.dtype == torch.float32
+    close(fused_loss, loss, atol=1e-3)
+    torch.testing.assert_close(fused_hidden_grad, hidden_grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused_weight_grad, weight_grad, rtol=2e-2, atol=2e-2)
+    hidden, weight = hidden0.bfloat16().requires_grad_(), weight0.bfloat16().requires_grad_()
+    loss = linear_cross_entropy_sum(hidden, weight, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
