@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from rlhf.config import ArchitectureConfig, ModelConfig, half_precision_only
 from rlhf.errors import UserError
+from rlhf.functional import linear_cross_entropy_sum
 from rlhf.models.lora import is_adapter_checkpoint, load_adapter_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -349,6 +350,17 @@ def pads_projection(weight: torch.Tensor) -> bool:
     return weight.is_cuda
 
 
+def projection_alignment(weight: torch.Tensor) -> int:
+    """The multiple the vocabulary projection's output rows are padded to when it runs on ``weight`` (1: none)."""
+    return VOCAB_ALIGNMENT if pads_projection(weight) else 1
+
+
+def _output_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    inner = getattr(model, "module", model)  # DDP / accelerate wrappers keep the model in .module
+    get_head = getattr(inner, "get_output_embeddings", None)
+    return get_head() if get_head is not None else None
+
+
 class VocabAlignedLinear(torch.nn.Linear):
     """The output projection (hidden -> vocabulary logits) computed with its output rows padded to a multiple
     of ``VOCAB_ALIGNMENT`` with zero weights, then cut back: the same logits and gradients (each logit is the
@@ -357,8 +369,8 @@ class VocabAlignedLinear(torch.nn.Linear):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         vocab = self.out_features
-        padding = -vocab % VOCAB_ALIGNMENT
-        if not padding or not pads_projection(self.weight):
+        padding = -vocab % projection_alignment(self.weight)
+        if not padding:
             return torch.nn.functional.linear(hidden, self.weight, self.bias)
         weight = torch.nn.functional.pad(self.weight, (0, 0, 0, padding))
         bias = None if self.bias is None else torch.nn.functional.pad(self.bias, (0, padding))
@@ -368,8 +380,7 @@ class VocabAlignedLinear(torch.nn.Linear):
 def align_vocab_projection(model: torch.nn.Module) -> bool:
     """Make a plain ``nn.Linear`` output projection a ``VocabAlignedLinear`` (in place: the same module, its
     class changed); True if it was changed. Another head (a quantized or wrapped one) keeps its own forward."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
+    head = _output_embeddings(model)
     if type(head) is not torch.nn.Linear or head.out_features % VOCAB_ALIGNMENT == 0:
         return False
     head.__class__ = VocabAlignedLinear
@@ -530,13 +541,11 @@ def output_projection(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's vocabulary projection if it is a plain linear layer (``nn.Linear``, or the
     ``VocabAlignedLinear`` it may have become), which a fused linear cross-entropy can stand in for; None for
     any other head (quantized, LoRA-wrapped, custom), whose forward only the head itself knows."""
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers keep the model in .module
-    get_head = getattr(inner, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
+    head = _output_embeddings(model)
     return head if type(head) in (torch.nn.Linear, VocabAlignedLinear) else None
 
 
-def fused_chunk_rows(weight: torch.Tensor) -> int:
+def _fused_chunk_rows(weight: torch.Tensor) -> int:
     """Rows per chunk for ``linear_cross_entropy_sum`` over the output layer ``weight``: about 16 MiB of float32
     logits on a CPU, 1 GiB on a GPU, and at least 512 rows, so each chunk's matmuls stay large (on the benchmark's
     8,193-token vocabulary and 2 CPU threads, chunks of 256 rows ran the forward matmul at ~90 GFLOP/s against
@@ -545,20 +554,16 @@ def fused_chunk_rows(weight: torch.Tensor) -> int:
     return max(512, budget // (4 * weight.shape[0]))
 
 
-def kept_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: torch.Tensor,
-                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The hidden states the vocabulary projection would read at the positions ``keep`` (a (B, T) bool mask)
-    marks, as (keep.sum(), D) in row-major order, without the projection: ``kept_logits`` less its last matmul.
+def _kept_hidden_states(head: torch.nn.Linear, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        keep: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """The hidden states the vocabulary projection ``head`` would read at the positions ``keep`` (a (B, T) bool
+    mask) marks, as (keep.sum(), D) in row-major order, without the projection: ``kept_logits`` less its last matmul.
 
     The model runs as ``kept_logits`` runs it (``model(...)`` itself, so DDP still synchronises); a hook takes
     the projection's input and hands the projection an empty slice of it instead, so whatever the model does
     before its head (final norm, slicing) is kept, and the projection's own matmul costs nothing. Valid for
-    models whose logits are their ``output_projection`` applied to that input, which
-    ``check_fused_cross_entropy_support`` verifies.
+    models whose logits are ``head`` applied to that input, which ``check_fused_cross_entropy_support`` verifies.
     """
-    head = output_projection(model)
-    if head is None:
-        raise ValueError("the model's output embeddings are not a plain linear layer")
     taken: list[torch.Tensor] = []
 
     def take_input(_module, args):
@@ -575,16 +580,30 @@ def kept_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return hidden if hidden.dim() == 2 else hidden[keep]  # without the mask form of logits_to_keep: every row
 
 
+def fused_cross_entropy_sum(model, input_ids: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor,
+                            position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ cross-entropy of the logits ``kept_logits(model, input_ids, None, keep, position_ids)`` would give against
+    ``targets`` (one per kept position), without those logits: the hidden states the output layer reads, and the
+    layer itself, through ``linear_cross_entropy_sum``, in chunks sized for the device and with the vocabulary
+    padded as the projection pads it (``training.fused_cross_entropy``; the model must pass
+    ``check_fused_cross_entropy_support``)."""
+    head = output_projection(model)
+    if head is None:
+        raise ValueError("the model's output embeddings are not a plain linear layer")
+    hidden = _kept_hidden_states(head, model, input_ids, None, keep, position_ids)
+    return linear_cross_entropy_sum(hidden, head.weight, targets, head.bias, chunk_rows=_fused_chunk_rows(head.weight),
+                                    align=projection_alignment(head.weight))
+
+
 @torch.no_grad()
 def check_fused_cross_entropy_support(model: torch.nn.Module) -> None:
     """Raise ``UserError`` unless ``model``'s logits are its output projection applied to the hidden states
-    ``kept_hidden_states`` takes (``training.fused_cross_entropy``): a head that scales or caps its logits
+    ``fused_cross_entropy_sum`` takes (``training.fused_cross_entropy``): a head that scales or caps its logits
     afterwards (logit soft-capping, a logit scale) would train on another loss than the model computes."""
     head = output_projection(model)
     if head is None:
-        inner = getattr(model, "module", model)
-        get_head = getattr(inner, "get_output_embeddings", None)
-        found = type(get_head()).__name__ if get_head is not None and get_head() is not None else "none"
+        other = _output_embeddings(model)
+        found = type(other).__name__ if other is not None else "none"
         raise UserError(f"training.fused_cross_entropy: the model's output layer is {found}, not a plain linear "
                         "layer (a LoRA-wrapped, quantized or custom head); set training.fused_cross_entropy=false")
     vocab = model.get_input_embeddings().num_embeddings
@@ -596,7 +615,7 @@ def check_fused_cross_entropy_support(model: torch.nn.Module) -> None:
     try:
         with full_precision_attention(model):
             logits = kept_logits(model, ids, None, keep).float()
-            hidden = kept_hidden_states(model, ids, None, keep)
+            hidden = _kept_hidden_states(head, model, ids, None, keep, None)
             projected = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
     finally:
         model.train(was_training)

@@ -16,10 +16,8 @@ from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, collate_sft_packed, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
 from rlhf.errors import UserError
-from rlhf.functional import linear_cross_entropy_sum
-from rlhf.models import (VOCAB_ALIGNMENT, adopt_model, check_fused_cross_entropy_support, check_packing_support,
-                         fused_chunk_rows, kept_hidden_states, kept_logits, load_causal_lm, make_trainable,
-                         output_projection, pads_projection, resolve_max_length, save_merged)
+from rlhf.models import (adopt_model, check_fused_cross_entropy_support, check_packing_support, fused_cross_entropy_sum,
+                         kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged)
 from rlhf.training import (SupervisedLoop, as_floats, end_training, full_weights, save_pretrained_atomic, shards_weights,
                            start_run, stops_gracefully, write_jsonl)
 
@@ -64,11 +62,8 @@ class LanguageModelingObjective:
         # preset's SFT kernel time on an H200).
         position_ids = batch.get("position_ids")
         if self.fused and torch.is_grad_enabled():  # evaluation keeps the plain path: no gradient to make
-            hidden = kept_hidden_states(model, batch["input_ids"], None, predicts_trained, position_ids=position_ids)
-            head = output_projection(model)
-            loss_sum = linear_cross_entropy_sum(hidden, head.weight, targets[trained], head.bias,
-                                                chunk_rows=fused_chunk_rows(head.weight),
-                                                align=VOCAB_ALIGNMENT if pads_projection(head.weight) else 1)
+            loss_sum = fused_cross_entropy_sum(model, batch["input_ids"], predicts_trained, targets[trained],
+                                               position_ids=position_ids)
         else:
             logits = kept_logits(model, batch["input_ids"], None, predicts_trained, position_ids=position_ids)
             loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
