@@ -5,7 +5,7 @@
 
 Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), ours with each
 documented speed key that is off by default (LEVERS: training.packing, training.compile, SFT's
-training.fused_cross_entropy), the TRL anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116
+training.fused_cross_entropy) and with the RM's trim_last_block, on by default, off, the TRL anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116
 venv, trl_ppo.py in trl029), the
 plain-torch ceiling for that stage alone (anchors/torch_ceiling.py --stage <stage>, trl116, so its
 peak RSS is the stage's own) and ours on the 2x-length variant; anchors/peak_flops.py runs once
@@ -53,7 +53,8 @@ IMPLEMENTATIONS = (("rlhf", "1x", "ours"), ("trl", "1x", "TRL"), ("ceiling", "1x
 LEVERS = {
     "sft": {"packing": ["training.packing=true"], "compile": ["training.compile=true"],
             "fused_ce": ["training.fused_cross_entropy=true"]},
-    "rm": {"packing": ["training.packing=true"], "compile": ["training.compile=true"]},
+    "rm": {"packing": ["training.packing=true"], "compile": ["training.compile=true"],
+           "untrimmed": ["trim_last_block=false"]},  # on by default: the row shows what it buys
     "ppo": {"compile": ["training.compile=true"]},
 }
 # The targets for the best row, same run, same machine: ours ÷ TRL and share of the matmul peak.
@@ -109,10 +110,14 @@ def ppo_flops_per_episode(n_params: int, prompt_tokens: float, new_tokens: float
 
 
 def achieved_gflops(stage: str, result: dict, n_params: int) -> float | None:
-    """Useful GFLOP/s of one run: 6·N·real tokens/s for SFT and RM, 22·N·L·episodes/s for PPO."""
+    """Useful GFLOP/s of one run: 6·N·real tokens/s for SFT and RM, 22·N·L·episodes/s for PPO; for our RM less
+    the arithmetic its ``trim_last_block`` left out (``skipped_gflop``), so the count stays the work done."""
     if stage in ("sft", "rm"):
         tokens_per_s = result.get("tokens_per_s")
-        return None if tokens_per_s is None else 6.0 * n_params * tokens_per_s / 1e9
+        if tokens_per_s is None:
+            return None
+        skipped = float(result.get("skipped_gflop") or 0.0)
+        return 6.0 * n_params * tokens_per_s / 1e9 - (skipped / float(result["wall_s"]) if skipped else 0.0)
     episodes_per_s = result.get("episodes_per_s")
     if episodes_per_s is None:
         return None

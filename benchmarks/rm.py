@@ -27,6 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from rlhf.config import RewardConfig, load_config  # noqa: E402
+from rlhf.models.backbone import last_feed_forward  # noqa: E402
 from rlhf.trainers.reward import RewardTrainer  # noqa: E402
 
 
@@ -48,11 +49,17 @@ def main() -> None:
         config = load_config(RewardConfig, args.config, overrides)
         # "RM: %d train prompts (%d pairs) / ...": logged after loading and tokenisation, before the first step
         watch = common.TrainingStartWatch("RM:").attach("rlhf.trainers.reward")
-        RewardTrainer(config).train()
+        trainer = RewardTrainer(config)
+        trainer.train()
         cpu = watch.require().monitor.stop()  # from the first step to train()'s return (final/ written)
         record = common.training_record(output_dir)
         runtime, tokens = record["train_runtime_s"], int(record["train_tokens"])
         pairs = watch.args[1]  # one epoch: every training pair once
+        # What trim_last_block left out: the last block's feed-forward (forward and backward, 6 FLOPs per weight)
+        # at every processed token but the responses' EOS, two per prompt in the workload (one pair per prompt).
+        trimmed = trainer.model.trims_last_block
+        feed_forward_params = sum(p.numel() for p in last_feed_forward(trainer.model).parameters()) if trimmed else 0
+        skipped_gflop = 6 * feed_forward_params * (tokens - 2 * pairs) / 1e9
         common.emit({
             "stage": "rm",
             "impl": "rlhf",
@@ -70,6 +77,8 @@ def main() -> None:
             "steady_pairs_per_s": common.rounded(common.steady_rate(output_dir, "tokens_per_s"), 3, pairs / tokens),
             "tokens_per_pair": round(tokens / pairs, 1),
             "prefix_sharing": config.prefix_sharing,
+            "trim_last_block": trimmed,
+            "skipped_gflop": round(skipped_gflop, 3),  # compare.py takes it off the 6·N·tokens count
             "group_by_length": config.training.group_by_length,
             "final_loss": round(record["loss"], 4),
             "max_length": config.data.max_length,

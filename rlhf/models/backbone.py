@@ -234,6 +234,50 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+# What transformers calls a block's feed-forward: mlp (GPT-2, GPT-NeoX, Llama, Mistral, Qwen, Falcon, ...),
+# block_sparse_moe (Mixtral before transformers 5), feed_forward or ffn (some others).
+FEED_FORWARD_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
+
+
+def last_feed_forward(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The feed-forward module of ``model``'s last transformer block (GPT-2's ``transformer.h[-1].mlp``), or None
+    when the model has no repeated blocks or its last one none under a name of ``FEED_FORWARD_NAMES``."""
+    blocks = transformer_blocks(model)
+    if not blocks:
+        return None
+    found = (getattr(blocks[-1], name, None) for name in FEED_FORWARD_NAMES)
+    return next((module for module in found if isinstance(module, torch.nn.Module)), None)
+
+
+@contextlib.contextmanager
+def feed_forward_at(feed_forward: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Within: ``feed_forward`` runs on the positions ``keep`` ((batch, seq_len) bool) marks only, and outputs
+    zeros at the others.
+
+    Meant for the last block's feed-forward: its output at a position reaches nothing but the model's
+    output there, so a model read at a few positions (a reward at each EOS) gets those outputs unchanged
+    and skips the rest of the block's largest matmuls; its outputs elsewhere are then wrong. The module must
+    treat each position alone, as a transformer's feed-forward does (a mixture of experts routes per token too).
+    """
+    def take_rows(_module, args, kwargs):
+        if args:
+            return (args[0][keep].unsqueeze(0), *args[1:]), kwargs
+        return args, kwargs | {"hidden_states": kwargs["hidden_states"][keep].unsqueeze(0)}
+
+    def spread(_module, _args, _kwargs, output):
+        rows = output[0] if isinstance(output, tuple) else output
+        full = rows.new_zeros(*keep.shape, rows.shape[-1]).index_put((keep,), rows.reshape(-1, rows.shape[-1]))
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    handles = [feed_forward.register_forward_pre_hook(take_rows, with_kwargs=True),
+               feed_forward.register_forward_hook(spread, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def compile_blocks(model: torch.nn.Module, mode: str = "default") -> int:
     """Compile each transformer block of ``model`` in place with ``torch.compile`` (``training.compile``).
 

@@ -17,8 +17,10 @@ Reward normalisation (mean 0 on a reference set, optionally std 1) lives in the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
 import math
 
 import torch
@@ -29,9 +31,12 @@ from rlhf.config import LoraConfig, ModelConfig, TrainingConfig
 from rlhf.errors import UserError
 from rlhf.functional import exclusive_cumsum_positions, last_valid_index
 from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, compile_blocks, eager_blocks,
-                                  enable_gradient_checkpointing, ensure_pad_token, from_pretrained_or_error,
-                                  half_precision_attention, packing_changed_outputs)
+                                  enable_gradient_checkpointing, ensure_pad_token, feed_forward_at, first_line,
+                                  from_pretrained_or_error, full_precision_attention, half_precision_attention,
+                                  last_feed_forward, packing_changed_outputs)
 from rlhf.models.lora import apply_lora, has_lora, save_hf_model
+
+logger = logging.getLogger(__name__)
 
 
 class ScalarHeadModel(nn.Module):
@@ -44,6 +49,9 @@ class ScalarHeadModel(nn.Module):
             raise UserError(f"{type(model).__name__}: expected a sequence-classification model with a one-label "
                             "'score' head (num_labels=1)")
         self.model = model
+        # The last block's feed-forward when ``trim_last_block`` turned trimming on; a tuple, so that
+        # nn.Module does not register it as a second path to the same parameters.
+        self._trimmed_feed_forward: tuple[nn.Module, ...] = ()
 
     @property
     def config(self):
@@ -53,42 +61,66 @@ class ScalarHeadModel(nn.Module):
     def head(self) -> nn.Linear:
         return self.model.score
 
+    @property
+    def trims_last_block(self) -> bool:
+        return bool(self._trimmed_feed_forward)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor | None = None,
                 prefix_mask: torch.Tensor | None = None, prefix_index: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Head output at every position, fp32, unnormalised.
+                position_ids: torch.Tensor | None = None,
+                read: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Head output at every position, fp32, unnormalised; or at the positions ``read`` names.
 
         Args:
             input_ids: (batch, seq_len); pad positions may hold any id.
             attention_mask: (batch, seq_len), 1 on real tokens; left, right or mixed padding. Or, for a
                 packed batch, (rows, 1, seq_len, seq_len) bool, True where a query attends to a key,
-                with ``position_ids`` (rows, seq_len): see ``forward_packed``.
+                with ``position_ids`` (rows, seq_len) (``rlhf.preference.collate_preferences_packed``): the trunk
+                takes the mask as it is, so only that mask keeps the examples of a row apart.
             prefix_ids, prefix_mask, prefix_index: shared prefixes (prefix sharing). Row ``i`` of
                 ``input_ids`` then continues prefix ``prefix_index[i]`` (a right-padded continuation;
                 prefixes may be left-padded). Each prefix runs through the trunk once and its
                 continuations attend to its key/value cache; the outputs equal those of the full
                 sequences up to float rounding.
+            read: (rows, columns), two (n,) index tensors: the positions whose output the caller wants.
+                With ``trim_last_block`` on, the last block's feed-forward runs at these positions only.
         Returns:
-            (batch, seq_len) scalars (of the continuations when prefixes are given).
+            (batch, seq_len) scalars (of the continuations when prefixes are given); with ``read``, (n,)
+            scalars, the i-th at (rows[i], columns[i]).
         """
+        keep = None
+        if read is not None and self._trimmed_feed_forward:
+            keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device).index_put(
+                read, torch.ones((), dtype=torch.bool, device=input_ids.device))
         if prefix_ids is not None:
-            return self.forward_continuations(input_ids, attention_mask, prefix_ids, prefix_mask, prefix_index)
-        if attention_mask.dim() == 4:
-            return self.forward_packed(input_ids, attention_mask, position_ids)
-        # Positions are the exclusive cumsum of the mask, so a token's position (and its output)
-        # does not depend on how much padding sits to its left (docs/ppo.md#11, docs/ppo.md#41).
-        position_ids = exclusive_cumsum_positions(attention_mask)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
+            hidden = self.continuation_hidden_states(input_ids, attention_mask, prefix_ids, prefix_mask, prefix_index,
+                                                     keep)
+        elif attention_mask.dim() == 4:
+            with self.last_block_at(keep):
+                hidden = packed_hidden_states(self.model.base_model, input_ids, attention_mask, position_ids)
+        else:
+            # Positions are the exclusive cumsum of the mask, so a token's position (and its output)
+            # does not depend on how much padding sits to its left (docs/ppo.md#11, docs/ppo.md#41).
+            with self.last_block_at(keep):
+                hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                               position_ids=exclusive_cumsum_positions(attention_mask),
+                                               use_cache=False).last_hidden_state
+        if read is not None:
+            hidden = hidden[read]
         return self.head(hidden).squeeze(-1).float()
 
-    def forward_continuations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor,
-                              prefix_mask: torch.Tensor, prefix_index: torch.Tensor) -> torch.Tensor:
-        """The head over continuations of shared prefixes (see ``forward``); gradients reach the prefixes too."""
+    def continuation_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                   prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, prefix_index: torch.Tensor,
+                                   keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's last hidden states over continuations of shared prefixes (see ``forward``); gradients reach
+        the prefixes too. ``keep``: the positions of ``input_ids`` the caller reads, for ``last_block_at``."""
         with eager_blocks():  # compiled blocks would re-trace per layer on a cache (eager_blocks)
             trunk = self.model.base_model
-            prefix_out = trunk(input_ids=prefix_ids, attention_mask=prefix_mask,
-                               position_ids=exclusive_cumsum_positions(prefix_mask), use_cache=True)
+            # Nothing reads the prefixes' outputs, only their key/value cache: a trimmed last block skips
+            # its feed-forward there entirely.
+            with self.last_block_at(torch.zeros_like(prefix_mask, dtype=torch.bool)):
+                prefix_out = trunk(input_ids=prefix_ids, attention_mask=prefix_mask,
+                                   position_ids=exclusive_cumsum_positions(prefix_mask), use_cache=True)
             # transformers >= 5.2x names the KV cache `cache`; older releases `past_key_values`.
             cache_argument = ("cache" if "cache" in inspect.signature(trunk.forward).parameters
                               else "past_key_values")
@@ -98,25 +130,70 @@ class ScalarHeadModel(nn.Module):
             prefix_lengths = prefix_mask.sum(dim=1)[prefix_index]
             position_ids = prefix_lengths.unsqueeze(1) + exclusive_cumsum_positions(attention_mask)
             full_mask = torch.cat([prefix_mask[prefix_index], attention_mask], dim=1)
-            hidden = trunk(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                           use_cache=True, **{cache_argument: cache}).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+            with self.last_block_at(keep):
+                return trunk(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                             use_cache=True, **{cache_argument: cache}).last_hidden_state
 
-    def forward_packed(self, input_ids: torch.Tensor, segment_mask: torch.Tensor,
-                       position_ids: torch.Tensor) -> torch.Tensor:
-        """The head over packed rows (``collate_preferences_packed``): (rows, seq_len) scalars.
+    def last_block_at(self, keep: torch.Tensor | None):
+        """A context in which the last block's feed-forward runs at the positions ``keep`` marks only, when
+        ``trim_last_block`` turned trimming on and ``keep`` is given; otherwise nothing changes."""
+        if keep is None or not self._trimmed_feed_forward:
+            return contextlib.nullcontext()
+        return feed_forward_at(self._trimmed_feed_forward[0], keep)
 
-        ``segment_mask`` (rows, 1, seq_len, seq_len) bool says which keys each query sees: the trunk
-        takes it as the attention mask as it is, so only that mask keeps the examples of a row apart.
+    @torch.no_grad()
+    def trim_last_block(self) -> bool:
+        """From now on, run the last transformer block's feed-forward only at the positions a forward ``read``s
+        (the rewards' EOS tokens) and nowhere on shared prefixes, whose outputs nothing reads (``trim_last_block``
+        in the RM config): the same rewards up to float rounding for a fraction of the last block's matmuls.
+
+        Turned on only when the model passes a check: a short batch, padded and with a shared prefix, gives the
+        rewards trimmed that it gives untrimmed. A model whose last block has no feed-forward module under a
+        usual name, or one that needs every position (it fails the check), runs untrimmed. Not for a model
+        that recomputes its blocks in the backward (gradient checkpointing: the recomputation runs outside
+        the trimming) or runs compiled blocks (hooks added after compilation are not traced). Returns
+        whether trimming is on.
         """
-        hidden = packed_hidden_states(self.model.base_model, input_ids, segment_mask, position_ids)
-        return self.head(hidden).squeeze(-1).float()
+        feed_forward = last_feed_forward(self.model)
+        self._trimmed_feed_forward = ()
+        if feed_forward is None:
+            logger.info("%s: no feed-forward module found in the last block; rewards use the full model",
+                        type(self.model).__name__)
+            return False
+        vocab = self.model.base_model.get_input_embeddings().num_embeddings
+        device = next(self.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(vocab, (2, 5), generator=generator).to(device)
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], device=device)
+        prefix = {"prefix_ids": torch.randint(vocab, (1, 3), generator=generator).to(device),
+                  "prefix_mask": torch.ones(1, 3, dtype=torch.long, device=device),
+                  "prefix_index": torch.zeros(2, dtype=torch.long, device=device)}
+        read = (torch.arange(2, device=device), last_valid_index(mask))
+        was_training = self.training
+        self.eval()
+        try:
+            with full_precision_attention(self):
+                full = torch.cat([self(ids, mask, read=read), self(ids, mask, **prefix, read=read)])
+                self._trimmed_feed_forward = (feed_forward,)
+                trimmed = torch.cat([self(ids, mask, read=read), self(ids, mask, **prefix, read=read)])
+        except Exception as error:  # noqa: BLE001 - a block that will not run on a subset of positions
+            self._trimmed_feed_forward = ()
+            logger.info("%s: the last block does not run on a subset of positions (%s); rewards use the full model",
+                        type(self.model).__name__, first_line(error))
+            return False
+        finally:
+            self.train(was_training)
+        if packing_changed_outputs(full, trimmed):
+            self._trimmed_feed_forward = ()
+            logger.info("%s: trimming the last block changes the rewards; rewards use the full model",
+                        type(self.model).__name__)
+            return False
+        return True
 
     def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch,) head output at the last non-padding token, before normalisation."""
-        per_token = self(input_ids, attention_mask)
-        last = last_valid_index(attention_mask)
-        return per_token.gather(1, last.unsqueeze(1)).squeeze(1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self(input_ids, attention_mask, read=(rows, last_valid_index(attention_mask)))
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch,) reward: the raw score normalised with the statistics stored in the config."""

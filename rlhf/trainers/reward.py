@@ -54,6 +54,7 @@ from rlhf.training import (
     full_weights,
     stops_gracefully,
     save_pretrained_atomic,
+    shards_weights,
     start_run,
     write_jsonl,
 )
@@ -71,11 +72,12 @@ def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     where the batch says its response ends.
     """
     if "segment_mask" in batch:
-        per_token = model(batch["input_ids"], batch["segment_mask"], position_ids=batch["position_ids"])  # (rows, len)
-        return per_token[batch["reward_rows"], batch["reward_columns"]]
+        return model(batch["input_ids"], batch["segment_mask"], position_ids=batch["position_ids"],
+                     read=(batch["reward_rows"], batch["reward_columns"]))
     prefix = {key: batch[key] for key in ("prefix_ids", "prefix_mask", "prefix_index") if key in batch}
-    per_token = model(batch["input_ids"], batch["attention_mask"], **prefix)  # (responses, seq_len)
-    return per_token.gather(1, last_valid_index(batch["attention_mask"]).unsqueeze(1)).squeeze(1)
+    mask = batch["attention_mask"]
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    return model(batch["input_ids"], mask, **prefix, read=(rows, last_valid_index(mask)))
 
 
 def log_held_out(metrics_path: str) -> None:
@@ -209,6 +211,9 @@ class RewardTrainer:
 
         self.model, self.tokenizer = self.build_model()
         make_trainable(self.model, config.model.lora, config.training)
+        if config.trim_last_block and not (config.training.compile or config.training.gradient_checkpointing
+                                           or shards_weights(accelerator)):
+            self.model.trim_last_block()
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
         reference = self.normalization_sequences(train_examples, eval_examples, max_length)  # fail before training

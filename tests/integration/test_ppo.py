@@ -273,6 +273,7 @@ def test_critic_from_the_reward_model_predicts_its_score_before_any_update(token
                            reward={"function": None, "model_path": reward_model_dir}, critic={"init": "reward"})
     rollout = trainer.rollouts[0]  # values were computed before any update
     reward_model = trainer.reward_model
+    assert reward_model.trims_last_block  # its scores run the last feed-forward at the EOS only; the critic's do not
     # V_t is the critic read at the state before response token t, x ⊕ a_<t: a copy of the RM gives
     # the (normalised) RM score of exactly that sequence, and at t* the sequence before the EOS.
     with torch.no_grad():

@@ -422,9 +422,12 @@ def random_preference_examples(count: int, vocab: int, seed: int) -> list[dict]:
     return examples
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "gpt2-eager", "gpt_neox"])
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt2-eager", "gpt_neox", "llama"])
 def test_a_packed_batch_gives_every_response_the_reward_and_gradient_of_the_padded_batch(architecture):
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
+    """Padded, prefix-shared and packed batches, each with the last block trimmed (``trim_last_block``) and
+    without, give the rewards of the sequences run alone and the loss and gradients of the padded batch."""
+    from transformers import (GPT2Config, GPT2ForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification,
+                              LlamaConfig, LlamaForSequenceClassification)
 
     from rlhf.models import ScalarHeadModel, check_segment_mask_support
 
@@ -434,10 +437,15 @@ def test_a_packed_batch_gives_every_response_the_reward_and_gradient_of_the_padd
                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
         hf_model = GPT2ForSequenceClassification._from_config(  # eager: the mask is added to the scores
             config, attn_implementation="eager" if architecture.endswith("eager") else "sdpa")
-    else:  # rotary positions: a shared prompt's responses must continue its positions
+    elif architecture == "gpt_neox":  # rotary positions: a shared prompt's responses must continue its positions
         hf_model = GPTNeoXForSequenceClassification(GPTNeoXConfig(
             vocab_size=300, num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
             max_position_embeddings=64, num_labels=1, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    else:  # gated feed-forward, RMSNorm
+        hf_model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=300, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+            intermediate_size=64, max_position_embeddings=64, num_labels=1, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0))
     model = ScalarHeadModel(hf_model)
     model.init_head("normal")
     model.eval()  # no dropout: every batch must see the same function
@@ -450,24 +458,25 @@ def test_a_packed_batch_gives_every_response_the_reward_and_gradient_of_the_padd
         assert 1 < packed["input_ids"].shape[0] < len(examples)  # several examples per row, several rows
         assert packed["input_ids"].numel() < padded["input_ids"].numel()
     with torch.no_grad():
-        alone = torch.stack([model.raw_score(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]
+        alone = torch.stack([model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1]
                              for e in examples for s in e["sequences"]])
-        for share_prompt in (False, True):
-            for batch in (collate_preferences(examples, 0, share_prompt),
-                          collate_preferences_packed(examples, 0, capacity, share_prompt)):
-                torch.testing.assert_close(sequence_rewards(model, batch), alone, atol=1e-5, rtol=0)
 
-    # The objective the trainer minimises: the same loss, the same gradient, packed or padded.
+    # The objective the trainer minimises: the same loss, the same gradient, packed or padded, trimmed or not.
     results = []
-    for share_prompt, pack_length in ((False, None), (True, None), (False, capacity), (True, capacity)):
-        objective = RewardObjective(0, share_prompt, center_rewards_coef=0.1, pack_length=pack_length)
-        model.zero_grad()
-        batch = objective.collate(examples)
-        loss_sum, stats = objective.loss_sum(model, batch)
-        loss_sum.backward()
-        assert objective.count_units(batch) == len(examples)
-        results.append((loss_sum.item(), as_floats(stats),
-                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    for trimmed in (False, True):
+        assert not trimmed or model.trim_last_block()
+        assert model.trims_last_block == trimmed
+        for share_prompt, pack_length in ((False, None), (True, None), (False, capacity), (True, capacity)):
+            objective = RewardObjective(0, share_prompt, center_rewards_coef=0.1, pack_length=pack_length)
+            batch = objective.collate(examples)
+            with torch.no_grad():
+                torch.testing.assert_close(sequence_rewards(model, batch), alone, atol=1e-5, rtol=0)
+            model.zero_grad()
+            loss_sum, stats = objective.loss_sum(model, batch)
+            loss_sum.backward()
+            assert objective.count_units(batch) == len(examples)
+            results.append((loss_sum.item(), as_floats(stats),
+                            {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
     reference_loss, reference_stats, reference_gradients = results[0]
     for loss, stats, gradients in results[1:]:
         assert loss == pytest.approx(reference_loss, rel=1e-5)
@@ -483,31 +492,36 @@ def test_packed_rm_trains_the_curves_of_padded_rm(tokenizer_dir, tmp_path):
     evaluation = write_jsonl(tmp_path / "eval.jsonl", preference_rows(16, seed=9))
     runs = {}
     # Packed, prefix sharing needs no key/value cache, so it also runs with gradient checkpointing.
-    for packing, prefix_sharing, checkpointing in ((False, True, False), (True, True, False), (True, False, False),
-                                                   (True, True, True)):
+    # The last run, padded with the last block untrimmed, is the reference the others (trimmed) must train like.
+    for packing, prefix_sharing, checkpointing, trim in ((False, True, False, True), (True, True, False, True),
+                                                         (True, False, False, True), (True, True, True, True),
+                                                         (False, True, False, False)):
         # lr 3e-4: at 3e-3 Adam amplifies the float rounding between any two layouts of a batch (padded with and
         # without prefix sharing too) past 1e-4 within six steps.
-        config = tiny_rm_config(tokenizer_dir, train, evaluation, str(tmp_path / f"run-{packing}-{prefix_sharing}-"
-                                                                               f"{checkpointing}"),
-                                max_steps=6, eval_every=3, packing=packing, lr=3e-4,
-                                gradient_checkpointing=checkpointing)
+        name = f"run-{packing}-{prefix_sharing}-{checkpointing}-{trim}"
+        config = tiny_rm_config(tokenizer_dir, train, evaluation, str(tmp_path / name), max_steps=6, eval_every=3,
+                                packing=packing, lr=3e-4, gradient_checkpointing=checkpointing)
         # Rows of 128 tokens hold about three prompts with their two responses each.
         config.model.from_config = ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128)
         config.data.max_length = 128
         config.prefix_sharing = prefix_sharing
+        config.trim_last_block = trim
         config.logging.num_samples = 0
         config.validate()  # the check the trainer runs: sharing with checkpointing is accepted when packed
-        RewardTrainer(config).train()
-        runs[packing, prefix_sharing, checkpointing] = read_metrics(config.output_dir)
-    padded = runs[False, True, False]
+        trainer = RewardTrainer(config)
+        trainer.train()
+        # Gradient checkpointing recomputes the last block outside the trimming: the trainer leaves it off.
+        assert trainer.model.trims_last_block == (trim and not checkpointing)
+        runs[packing, prefix_sharing, checkpointing, trim] = read_metrics(config.output_dir)
+    reference = runs.pop((False, True, False, False))
     for key in ("loss", "accuracy", "grad_norm", "eval/loss", "eval/accuracy"):
-        expected = [m[key] for m in padded if key in m]
+        expected = [m[key] for m in reference if key in m]
         assert len(expected) >= 3, key
-        for packed in (runs[True, True, False], runs[True, False, False], runs[True, True, True]):
-            assert [m[key] for m in packed if key in m] == pytest.approx(expected, rel=1e-4), key
+        for run in runs.values():
+            assert [m[key] for m in run if key in m] == pytest.approx(expected, rel=1e-4), key
     tokens = {run: next(m["train_tokens"] for m in metrics if "train_tokens" in m) for run, metrics in runs.items()}
     # real tokens: each prompt once when shared
-    assert tokens[True, True, False] == tokens[False, True, False] < tokens[True, False, False]
+    assert tokens[True, True, False, True] == tokens[False, True, False, True] < tokens[True, False, False, True]
 
 
 def test_packing_is_refused_for_a_model_that_ignores_the_4d_mask(tokenizer_dir, tmp_path):

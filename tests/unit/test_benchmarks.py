@@ -208,7 +208,7 @@ def test_the_plan_runs_each_lever_of_a_stage_unless_told_not_to(tmp_path):
     assert levers == [("sft", "packing", ["training.packing=true"]), ("sft", "compile", ["training.compile=true"]),
                       ("sft", "fused_ce", ["training.fused_cross_entropy=true"]),
                       ("rm", "packing", ["training.packing=true"]), ("rm", "compile", ["training.compile=true"]),
-                      ("ppo", "compile", ["training.compile=true"])]
+                      ("rm", "untrimmed", ["trim_last_block=false"]), ("ppo", "compile", ["training.compile=true"])]
     plan = compare.run_plan(places, list(compare.STAGES), rounds=1, skip_double=True, skip_levers=True)
     assert {variant for *_, variant, _ in plan} == {"1x"}
 
@@ -234,6 +234,9 @@ def test_contaminated_runs_are_flagged_and_footnoted():
 def test_useful_flops_and_share_of_peak():
     n = 10_000_000
     assert compare.achieved_gflops("sft", {"tokens_per_s": 1000.0}, n) == pytest.approx(6 * n * 1000 / 1e9)
+    # Our RM with trim_last_block: the count less the arithmetic it left out, per second of training
+    trimmed = {"tokens_per_s": 1000.0, "skipped_gflop": 12.0, "wall_s": 40.0}
+    assert compare.achieved_gflops("rm", trimmed, n) == pytest.approx(6 * n * 1000 / 1e9 - 0.3)
     # PPO: 22·N per token over prompt + response, per episode
     assert compare.ppo_flops_per_episode(n, 32, 32) == 22 * n * 64
     assert compare.achieved_gflops("ppo", {"episodes_per_s": 2.0}, n) == pytest.approx(2 * 22 * n * 64 / 1e9)

@@ -379,6 +379,64 @@ def test_set_normalization_centres_the_scores(scalar_model):
         model.set_normalization(0.0, 1.0)
 
 
+@torch.no_grad()
+def test_a_trimmed_last_block_scores_like_the_full_model_running_its_feed_forward_at_the_eos_only(tokenizer_dir):
+    tokenizer = load_tokenizer(tiny_model_config(tokenizer_dir))
+    model = load_scalar_model(tiny_model_config(tokenizer_dir), tokenizer, head_init="normal", seed=0).eval()
+    sequences = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+                 for text in ("The cat is very happy.", "The dog ran.", "A bird")]
+    total = max(len(s) for s in sequences) + 2
+    rows = [pad_row(ids, left, total - len(ids) - left, tokenizer.pad_token_id)
+            for ids, left in zip(sequences, (0, 2, total - len(sequences[2])))]  # right, mixed, left padding
+    input_ids, attention_mask = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+    full_scores, per_token = model.score(input_ids, attention_mask), model(input_ids, attention_mask)
+
+    assert model.trim_last_block() and model.trims_last_block
+    feed_forward = model.model.transformer.h[-1].mlp
+    seen = []
+    handle = feed_forward.register_forward_hook(lambda _module, args, _output: seen.append(tuple(args[0].shape)))
+    try:
+        scores = model.score(input_ids, attention_mask)
+        values = model(input_ids, attention_mask)  # nothing read: every position, as a critic needs
+    finally:
+        handle.remove()
+    torch.testing.assert_close(scores, full_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, per_token, atol=1e-5, rtol=0)
+    assert seen == [(1, 3, 32), (3, total, 32)]  # the score: one position per sequence; the values: all
+
+
+def test_trimming_stays_off_for_a_feed_forward_that_mixes_positions_or_none_found(tokenizer_dir, monkeypatch,
+                                                                                  caplog):
+    from rlhf.models import backbone
+
+    class MixesPositions(torch.nn.Module):  # not a per-token feed-forward: each output sees the sequence's mean
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden):
+            return self.inner(hidden) + hidden.mean(dim=1, keepdim=True)
+
+    tokenizer = load_tokenizer(tiny_model_config(tokenizer_dir))
+    model = load_scalar_model(tiny_model_config(tokenizer_dir), tokenizer, head_init="normal", seed=0).eval()
+    block = model.model.transformer.h[-1]
+    block.mlp = MixesPositions(block.mlp)
+    ids, mask = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        expected = model(ids, mask)[[0, 1], [3, 2]]
+    with caplog.at_level("INFO", logger="rlhf.models.heads"):
+        assert not model.trim_last_block()
+    assert not model.trims_last_block and "trimming the last block changes the rewards" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(model.score(ids, mask), expected, atol=1e-6, rtol=0)
+
+    monkeypatch.setattr(backbone, "FEED_FORWARD_NAMES", ("feed_forward",))  # a block without a known name
+    caplog.clear()
+    with caplog.at_level("INFO", logger="rlhf.models.heads"):
+        assert not model.trim_last_block()
+    assert "no feed-forward module found in the last block" in caplog.text
+
+
 def test_head_init_normal_has_std_one_over_sqrt_width_plus_one(scalar_model):
     model, _ = scalar_model
     saved = model.head.weight.detach().clone()
