@@ -5,8 +5,8 @@
 
 Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), ours with each
 documented speed key that is off by default (LEVERS: training.packing, training.compile, SFT's
-training.fused_cross_entropy) and with the RM's trim_last_block, on by default, off, the TRL anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116
-venv, trl_ppo.py in trl029), the
+training.fused_cross_entropy) and with training.trim_last_block, on by default, off (SFT, RM), the
+TRL anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116 venv, trl_ppo.py in trl029), the
 plain-torch ceiling for that stage alone (anchors/torch_ceiling.py --stage <stage>, trl116, so its
 peak RSS is the stage's own) and ours on the 2x-length variant; anchors/peak_flops.py runs once
 first. Interleaving spreads a machine's slow phases over every implementation; medians over rounds
@@ -52,9 +52,10 @@ IMPLEMENTATIONS = (("rlhf", "1x", "ours"), ("trl", "1x", "TRL"), ("ceiling", "1x
 # a stage's best row is the fastest of ours with its defaults and these, compilation time counted.
 LEVERS = {
     "sft": {"packing": ["training.packing=true"], "compile": ["training.compile=true"],
-            "fused_ce": ["training.fused_cross_entropy=true"]},
+            "fused_ce": ["training.fused_cross_entropy=true"],
+            "untrimmed": ["training.trim_last_block=false"]},  # on by default: the row shows what it buys
     "rm": {"packing": ["training.packing=true"], "compile": ["training.compile=true"],
-           "untrimmed": ["trim_last_block=false"]},  # on by default: the row shows what it buys
+           "untrimmed": ["training.trim_last_block=false"]},
     "ppo": {"compile": ["training.compile=true"]},
 }
 # The targets for the best row, same run, same machine: ours ÷ TRL and share of the matmul peak.
@@ -487,7 +488,10 @@ Useful arithmetic, the same count for every implementation (N = non-embedding pa
 - SFT and RM: 6·N per real token (forward + backward), counting the tokens each implementation
   really processed: our reward model with `prefix_sharing` (default) runs each prompt once, TRL
   and the ceiling once per response, so for RM its tokens/s and GFLOP/s count less work than
-  theirs and only pairs/s compares the same task.
+  theirs and only pairs/s compares the same task. With `training.trim_last_block` (default) our
+  SFT and RM run the last block's feed-forward only where an output is read (SFT: the positions
+  that predict a trained token; RM: each response's EOS): their GFLOP/s leave out that skipped
+  work (`skipped_gflop` in their JSON lines, 6 × the feed-forward's weights × the other tokens).
 - PPO, per episode of L = prompt + response tokens: generation 2N·L, the policy-logprob,
   reference, reward and value forwards 4 × 2N·L, policy and value training 2 × 6N·L:
   **22·N·L** (with one PPO epoch). TRL takes its rollout logprobs from generation, and so do we

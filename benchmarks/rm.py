@@ -55,7 +55,7 @@ def main() -> None:
         record = common.training_record(output_dir)
         runtime, tokens = record["train_runtime_s"], int(record["train_tokens"])
         pairs = watch.args[1]  # one epoch: every training pair once
-        # What trim_last_block left out: the last block's feed-forward (forward and backward, 6 FLOPs per weight)
+        # What training.trim_last_block left out: the last block's feed-forward (forward and backward, 6 FLOPs per weight)
         # at every processed token but the responses' EOS, two per prompt in the workload (one pair per prompt).
         trimmed = trainer.model.trims_last_block
         feed_forward_params = sum(p.numel() for p in last_feed_forward(trainer.model).parameters()) if trimmed else 0

@@ -27,6 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from rlhf.config import SFTConfig, load_config  # noqa: E402
+from rlhf.models.backbone import last_feed_forward  # noqa: E402
 from rlhf.trainers.sft import SFTTrainer  # noqa: E402
 
 
@@ -48,10 +49,16 @@ def main() -> None:
         config = load_config(SFTConfig, args.config, overrides)
         # "SFT: %d train / %d eval examples, ...": logged after loading and tokenisation, before the first step
         watch = common.TrainingStartWatch("SFT:").attach("rlhf.trainers.sft")
-        SFTTrainer(config).train()
+        trainer = SFTTrainer(config)
+        trainer.train()
         cpu = watch.require().monitor.stop()  # from the first step to train()'s return (final/ written)
         record = common.training_record(output_dir)
         runtime, tokens = record["train_runtime_s"], int(record["train_tokens"])
+        # What training.trim_last_block left out: the last block's feed-forward (forward and backward, 6 FLOPs per
+        # weight) at every real token that predicts no trained token (train_units counts those that do).
+        trimmed = trainer.trims_last_block
+        feed_forward_params = sum(p.numel() for p in last_feed_forward(trainer.model).parameters()) if trimmed else 0
+        skipped_gflop = 6 * feed_forward_params * (tokens - int(record["train_units"])) / 1e9
         common.emit({
             "stage": "sft",
             "impl": "rlhf",
@@ -67,6 +74,8 @@ def main() -> None:
             "final_loss": round(record["loss"], 4),
             "max_length": config.data.max_length,
             "group_by_length": config.training.group_by_length,
+            "trim_last_block": trimmed,
+            "skipped_gflop": round(skipped_gflop, 3),  # compare.py takes it off the 6·N·tokens count
             **common.run_fields(manifest, cpu, THREADS, config.training),
         })
     finally:

@@ -153,6 +153,13 @@ class TrainingConfig:
         "the full logits are never kept, less memory and one pass over them, the same loss and gradients up to float "
         "rounding. Needs a plain linear output layer whose output is the logits (checked when training starts); "
         "not with FSDP or DeepSpeed ZeRO-3, whose output layer is sharded outside the forward"))
+    trim_last_block: bool = param(True, help=(
+        "run the last transformer block's feed-forward only at the positions whose output is read: SFT the positions "
+        "that predict a trained token, the reward model each response's EOS (and none of a shared prompt, of which "
+        "only the key/value cache is read), PPO's reward model each episode's EOS. The same outputs up to float "
+        "rounding, about 8·d² of the block's 12·d² weights per skipped position left out. Checked on the model "
+        "when training starts (a model it does not fit runs untrimmed); off under compile, gradient_checkpointing "
+        "and sharded weights (FSDP, ZeRO-3)"))
     eval_batch_size: int | None = param(None, help="examples per device when evaluating (default: batch_size)", min=1)
     lr: float = param(5e-5, help="peak learning rate", min=0.0)
     weight_decay: float = param(0.0, help="AdamW decoupled weight decay", min=0.0)
@@ -299,13 +306,6 @@ class RewardConfig:
     prefix_sharing: bool = param(True, help=(
         "run each prompt through the model once and its responses on the prompt's key/value cache, instead of "
         "every response as a full prompt + response sequence: less compute, the same rewards up to float rounding"))
-    trim_last_block: bool = param(True, help=(
-        "run the last transformer block's feed-forward only at the tokens the rewards are read at (each response's "
-        "EOS), and not on shared prompts, whose outputs nothing reads: the same rewards up to float rounding, "
-        "about 8·d² of the 12·d² matmul work per token of the last block saved. Checked on the model at the start "
-        "(a model it does not fit runs untrimmed); off under training.compile, training.gradient_checkpointing "
-        "and sharded weights (FSDP, ZeRO-3)"))
-
     def validate(self, model_given: bool = False, data_given: bool = False) -> None:
         """Check every field; ``model_given``/``data_given``: the trainer got them as objects, so the
         ``model:`` block and ``data.path`` may stay empty."""

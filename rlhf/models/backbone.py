@@ -13,7 +13,7 @@ import logging
 import os
 import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
@@ -276,6 +276,26 @@ def feed_forward_at(feed_forward: torch.nn.Module, keep: torch.Tensor) -> Iterat
     finally:
         for handle in handles:
             handle.remove()
+
+
+def trimming_fits(name: str, feed_forward: torch.nn.Module | None,
+                  run: Callable[[torch.nn.Module | None], torch.Tensor]) -> bool:
+    """The check before a model's last block is trimmed (``feed_forward_at``): whether ``run(feed_forward)``, a
+    probe's outputs with the block trimmed, equals ``run(None)``, the same untrimmed, up to float rounding. When
+    not (no feed-forward found, an error, other outputs) it logs why and the model runs untrimmed."""
+    if feed_forward is None:
+        logger.info("%s: no feed-forward module found in the last block; it runs untrimmed", name)
+        return False
+    try:
+        full, trimmed = run(None), run(feed_forward)
+    except Exception as error:  # noqa: BLE001 - a block that will not run on a subset of positions
+        logger.info("%s: the last block does not run on a subset of positions (%s); it runs untrimmed", name,
+                    first_line(error))
+        return False
+    if full.shape != trimmed.shape or packing_changed_outputs(full, trimmed):
+        logger.info("%s: trimming the last block changes its outputs; it runs untrimmed", name)
+        return False
+    return True
 
 
 def compile_blocks(model: torch.nn.Module, mode: str = "default") -> int:
@@ -580,6 +600,31 @@ def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 
 
 # ----------------------------------------------------------------------------- the loss without the logits
+
+@torch.no_grad()
+def trimmable_feed_forward(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The feed-forward of causal LM ``model``'s last block, for ``feed_forward_at`` around ``kept_logits`` with the
+    same mask (``training.trim_last_block``): kept logits are the only outputs read, and the block's output at
+    any other position reaches nothing. None unless a probe's kept logits come out the same trimmed as not."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    ids = torch.randint(vocab, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    keep = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 0, 1, 0, 0]], dtype=torch.bool, device=device)
+
+    def kept(feed_forward: torch.nn.Module | None) -> torch.Tensor:
+        with feed_forward_at(feed_forward, keep) if feed_forward is not None else contextlib.nullcontext():
+            return kept_logits(model, ids, None, keep).float()
+
+    feed_forward = last_feed_forward(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with full_precision_attention(model):
+            fits = trimming_fits(type(model).__name__, feed_forward, kept)
+    finally:
+        model.train(was_training)
+    return feed_forward if fits else None
+
 
 def output_projection(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's vocabulary projection if it is a plain linear layer (``nn.Linear``, or the

@@ -31,9 +31,9 @@ from rlhf.config import LoraConfig, ModelConfig, TrainingConfig
 from rlhf.errors import UserError
 from rlhf.functional import exclusive_cumsum_positions, last_valid_index
 from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, compile_blocks, eager_blocks,
-                                  enable_gradient_checkpointing, ensure_pad_token, feed_forward_at, first_line,
+                                  enable_gradient_checkpointing, ensure_pad_token, feed_forward_at,
                                   from_pretrained_or_error, full_precision_attention, half_precision_attention,
-                                  last_feed_forward, packing_changed_outputs)
+                                  last_feed_forward, packing_changed_outputs, trimming_fits)
 from rlhf.models.lora import apply_lora, has_lora, save_hf_model
 
 logger = logging.getLogger(__name__)
@@ -144,8 +144,9 @@ class ScalarHeadModel(nn.Module):
     @torch.no_grad()
     def trim_last_block(self) -> bool:
         """From now on, run the last transformer block's feed-forward only at the positions a forward ``read``s
-        (the rewards' EOS tokens) and nowhere on shared prefixes, whose outputs nothing reads (``trim_last_block``
-        in the RM config): the same rewards up to float rounding for a fraction of the last block's matmuls.
+        (the rewards' EOS tokens) and nowhere on shared prefixes, whose outputs nothing reads
+        (``training.trim_last_block``): the same rewards up to float rounding for a fraction of the last block's
+        matmuls.
 
         Turned on only when the model passes a check: a short batch, padded and with a shared prefix, gives the
         rewards trimmed that it gives untrimmed. A model whose last block has no feed-forward module under a
@@ -154,12 +155,6 @@ class ScalarHeadModel(nn.Module):
         the trimming) or runs compiled blocks (hooks added after compilation are not traced). Returns
         whether trimming is on.
         """
-        feed_forward = last_feed_forward(self.model)
-        self._trimmed_feed_forward = ()
-        if feed_forward is None:
-            logger.info("%s: no feed-forward module found in the last block; rewards use the full model",
-                        type(self.model).__name__)
-            return False
         vocab = self.model.base_model.get_input_embeddings().num_embeddings
         device = next(self.parameters()).device
         generator = torch.Generator().manual_seed(0)
@@ -169,26 +164,21 @@ class ScalarHeadModel(nn.Module):
                   "prefix_mask": torch.ones(1, 3, dtype=torch.long, device=device),
                   "prefix_index": torch.zeros(2, dtype=torch.long, device=device)}
         read = (torch.arange(2, device=device), last_valid_index(mask))
+
+        def rewards(feed_forward: nn.Module | None) -> torch.Tensor:
+            self._trimmed_feed_forward = (feed_forward,) if feed_forward is not None else ()
+            return torch.cat([self(ids, mask, read=read), self(ids, mask, **prefix, read=read)])
+
+        feed_forward = last_feed_forward(self.model)
         was_training = self.training
         self.eval()
         try:
             with full_precision_attention(self):
-                full = torch.cat([self(ids, mask, read=read), self(ids, mask, **prefix, read=read)])
-                self._trimmed_feed_forward = (feed_forward,)
-                trimmed = torch.cat([self(ids, mask, read=read), self(ids, mask, **prefix, read=read)])
-        except Exception as error:  # noqa: BLE001 - a block that will not run on a subset of positions
-            self._trimmed_feed_forward = ()
-            logger.info("%s: the last block does not run on a subset of positions (%s); rewards use the full model",
-                        type(self.model).__name__, first_line(error))
-            return False
+                fits = trimming_fits(type(self.model).__name__, feed_forward, rewards)
         finally:
             self.train(was_training)
-        if packing_changed_outputs(full, trimmed):
-            self._trimmed_feed_forward = ()
-            logger.info("%s: trimming the last block changes the rewards; rewards use the full model",
-                        type(self.model).__name__)
-            return False
-        return True
+        self._trimmed_feed_forward = (feed_forward,) if fits else ()
+        return fits
 
     def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch,) head output at the last non-padding token, before normalisation."""

@@ -336,8 +336,9 @@ class PPOTrainer:
             self.reference = prepare_frozen(accelerator, self.reference)
         if self.reward_model is not None:
             self.reward_model = prepare_frozen(accelerator, self.reward_model)
-            if not (config.training.compile or shards_weights(accelerator)):
-                self.reward_model.trim_last_block()  # read at each episode's EOS only (ScalarHeadModel.trim_last_block)
+            # Read at each episode's EOS only; frozen, so gradient checkpointing does not reach it.
+            if config.training.trim_last_block and not (config.training.compile or shards_weights(accelerator)):
+                self.reward_model.trim_last_block()
 
         state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState(extra={"kl_coef": ppo.kl_coef})
         if resume_from:

@@ -53,8 +53,8 @@ from rlhf.training import (
     end_training,
     full_weights,
     stops_gracefully,
+    may_trim_last_block,
     save_pretrained_atomic,
-    shards_weights,
     start_run,
     write_jsonl,
 )
@@ -211,8 +211,7 @@ class RewardTrainer:
 
         self.model, self.tokenizer = self.build_model()
         make_trainable(self.model, config.model.lora, config.training)
-        if config.trim_last_block and not (config.training.compile or config.training.gradient_checkpointing
-                                           or shards_weights(accelerator)):
+        if may_trim_last_block(config.training, accelerator):
             self.model.trim_last_block()
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)

@@ -6,6 +6,7 @@ token-level mean over the whole optimizer step (Ouyang et al. 2022, §3.5 "SFT")
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -16,10 +17,11 @@ from rlhf.config import SFTConfig
 from rlhf.data import IGNORE_INDEX, collate_sft, collate_sft_packed, load_sft_examples, prompt_of, tokenize_sft, detect_sft_format
 from rlhf.generation import generate_responses
 from rlhf.errors import UserError
-from rlhf.models import (adopt_model, check_fused_cross_entropy_support, check_packing_support, fused_cross_entropy_sum,
-                         kept_logits, load_causal_lm, make_trainable, resolve_max_length, save_merged)
-from rlhf.training import (SupervisedLoop, as_floats, end_training, full_weights, save_pretrained_atomic, shards_weights,
-                           start_run, stops_gracefully, write_jsonl)
+from rlhf.models import (adopt_model, check_fused_cross_entropy_support, check_packing_support, feed_forward_at,
+                         fused_cross_entropy_sum, kept_logits, load_causal_lm, make_trainable, resolve_max_length,
+                         save_merged, trimmable_feed_forward)
+from rlhf.training import (SupervisedLoop, as_floats, end_training, full_weights, may_trim_last_block,
+                           save_pretrained_atomic, shards_weights, start_run, stops_gracefully, write_jsonl)
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +32,17 @@ class LanguageModelingObjective:
     ``pack_length``: pack each batch's examples into rows of at most this many tokens instead of padding
     (``training.packing``; the model must pass ``check_packing_support``). ``fused``: training forwards compute
     the loss from the hidden states and the output layer without the logits (``training.fused_cross_entropy``;
-    the model must pass ``check_fused_cross_entropy_support``). The loss is the same sum either way.
+    the model must pass ``check_fused_cross_entropy_support``). ``trimmed_feed_forward``: the last block's
+    feed-forward, run only at the positions that predict a trained token (``training.trim_last_block``; from
+    ``trimmable_feed_forward``). The loss is the same sum either way.
     """
 
-    def __init__(self, pad_token_id: int, pack_length: int | None = None, fused: bool = False):
+    def __init__(self, pad_token_id: int, pack_length: int | None = None, fused: bool = False,
+                 trimmed_feed_forward: torch.nn.Module | None = None):
         self.pad_token_id = pad_token_id
         self.pack_length = pack_length
         self.fused = fused
+        self.trimmed_feed_forward = trimmed_feed_forward
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if self.pack_length:
@@ -61,12 +67,14 @@ class LanguageModelingObjective:
         # (flash attention through SDPA on a GPU; the masked memory-efficient kernels took a fifth of the gpt2
         # preset's SFT kernel time on an H200).
         position_ids = batch.get("position_ids")
-        if self.fused and torch.is_grad_enabled():  # evaluation keeps the plain path: no gradient to make
-            loss_sum = fused_cross_entropy_sum(model, batch["input_ids"], predicts_trained, targets[trained],
-                                               position_ids=position_ids)
-        else:
-            logits = kept_logits(model, batch["input_ids"], None, predicts_trained, position_ids=position_ids)
-            loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
+        with (feed_forward_at(self.trimmed_feed_forward, predicts_trained) if self.trimmed_feed_forward is not None
+              else contextlib.nullcontext()):
+            if self.fused and torch.is_grad_enabled():  # evaluation keeps the plain path: no gradient to make
+                loss_sum = fused_cross_entropy_sum(model, batch["input_ids"], predicts_trained, targets[trained],
+                                                   position_ids=position_ids)
+            else:
+                logits = kept_logits(model, batch["input_ids"], None, predicts_trained, position_ids=position_ids)
+                loss_sum = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
         return loss_sum, {"loss": loss_sum.detach().double()}
 
     def summarize(self, sums: dict[str, float], units: float) -> dict[str, float]:
@@ -103,6 +111,7 @@ class SFTTrainer:
         self.tokenizer = tokenizer
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
+        self.trims_last_block = False  # whether train() runs the last block's feed-forward at trained positions only
 
     @stops_gracefully
     def train(self, resume: bool = False) -> str:
@@ -120,10 +129,13 @@ class SFTTrainer:
         max_length = resolve_max_length(config.data.max_length, self.model)
         train_examples, eval_examples = self.load_examples(max_length)
 
+        trimmed = trimmable_feed_forward(self.model) if may_trim_last_block(config.training, accelerator) else None
+        self.trims_last_block = trimmed is not None
         loop = SupervisedLoop(accelerator=accelerator, model=self.model,
                               objective=LanguageModelingObjective(self.tokenizer.pad_token_id,
                                                                   max_length if config.training.packing else None,
-                                                                  fused=config.training.fused_cross_entropy),
+                                                                  fused=config.training.fused_cross_entropy,
+                                                                  trimmed_feed_forward=trimmed),
                               train_examples=train_examples, eval_examples=eval_examples,
                               training=config.training, run=run, progress_desc="sft")
         if config.training.packing:  # every process: sharded weights are gathered for the check

@@ -505,7 +505,7 @@ def test_packed_rm_trains_the_curves_of_padded_rm(tokenizer_dir, tmp_path):
         config.model.from_config = ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=128)
         config.data.max_length = 128
         config.prefix_sharing = prefix_sharing
-        config.trim_last_block = trim
+        config.training.trim_last_block = trim
         config.logging.num_samples = 0
         config.validate()  # the check the trainer runs: sharing with checkpointing is accepted when packed
         trainer = RewardTrainer(config)

@@ -492,6 +492,72 @@ def test_fused_objective_gives_the_loss_and_gradients_of_the_logits(architecture
         assert evaluated.item() == pytest.approx(plain, rel=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt-neox", "llama"])
+def test_a_trimmed_last_block_gives_the_loss_and_gradients_of_the_full_model(architecture):
+    # training.trim_last_block: the last block's feed-forward only at the positions that predict a trained token;
+    # padded, packed and with the fused cross-entropy, the loss and every gradient of the untrimmed model.
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import last_feed_forward, trimmable_feed_forward
+
+    torch.manual_seed(0)
+    if architecture == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=64))
+    elif architecture == "gpt-neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=300, num_hidden_layers=2, num_attention_heads=2,
+                                                 hidden_size=32, intermediate_size=64, max_position_embeddings=64))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, hidden_size=32, intermediate_size=64,
+                                             max_position_embeddings=64))
+    model.eval()  # no dropout: every forward sees the same network
+    feed_forward = trimmable_feed_forward(model)
+    assert feed_forward is not None and feed_forward is last_feed_forward(model)
+    examples = random_examples(7, 300, seed=4)
+    trained_targets = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
+    rows_seen = []
+    handle = feed_forward.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[:-1].numel()))
+    results = []
+    try:
+        for trimmed, fused, pack_length in ((None, False, None), (feed_forward, False, None),
+                                            (feed_forward, True, None), (feed_forward, False, 40)):
+            objective = LanguageModelingObjective(5, pack_length=pack_length, fused=fused,
+                                                  trimmed_feed_forward=trimmed)
+            model.zero_grad()
+            loss_sum, _ = objective.loss_sum(model, objective.collate(examples))
+            loss_sum.backward()
+            results.append((loss_sum.item(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                              if p.grad is not None}))
+    finally:
+        handle.remove()
+    assert rows_seen[0] > trained_targets and rows_seen[1:] == [trained_targets] * 3  # trimmed: trained rows only
+    (reference, reference_grads), *others = results
+    for loss, grads in others:
+        assert loss == pytest.approx(reference, rel=1e-5)
+        assert grads.keys() == reference_grads.keys()
+        for name, gradient in reference_grads.items():
+            torch.testing.assert_close(grads[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trimmed_sft_trains_the_curves_of_the_untrimmed_model(tokenizer_dir, sft_files, tmp_path):
+    train, evaluation = sft_files
+    runs = {}
+    for trim, checkpointing in ((False, False), (True, False), (True, True)):
+        config = tiny_sft_config(tokenizer_dir, train, evaluation, str(tmp_path / f"trim-{trim}-{checkpointing}"),
+                                 max_steps=6, eval_every=3, trim_last_block=trim,
+                                 gradient_checkpointing=checkpointing)
+        config.logging.num_samples = 0
+        trainer = SFTTrainer(config)
+        trainer.train()
+        # Gradient checkpointing recomputes the last block outside the trimming: the trainer leaves it off.
+        assert trainer.trims_last_block == (trim and not checkpointing)
+        runs[trim, checkpointing] = read_metrics(config.output_dir)
+    for key in ("loss", "eval/loss", "grad_norm"):
+        untrimmed = [m[key] for m in runs[False, False] if key in m]
+        for run in (runs[True, False], runs[True, True]):
+            assert len(untrimmed) >= 3 and [m[key] for m in run if key in m] == pytest.approx(untrimmed, rel=1e-4), key
+
+
 def test_fused_cross_entropy_is_refused_for_a_head_that_changes_its_logits(tokenizer_dir, sft_files, tmp_path):
     class CappedLogits(GPT2LMHeadModel):  # what logit soft-capping (Gemma 2) or a logit scale (Cohere) does
         def forward(self, *args, **kwargs):

@@ -207,8 +207,9 @@ def test_the_plan_runs_each_lever_of_a_stage_unless_told_not_to(tmp_path):
               if impl == "rlhf" and variant != "1x"]
     assert levers == [("sft", "packing", ["training.packing=true"]), ("sft", "compile", ["training.compile=true"]),
                       ("sft", "fused_ce", ["training.fused_cross_entropy=true"]),
+                      ("sft", "untrimmed", ["training.trim_last_block=false"]),
                       ("rm", "packing", ["training.packing=true"]), ("rm", "compile", ["training.compile=true"]),
-                      ("rm", "untrimmed", ["trim_last_block=false"]), ("ppo", "compile", ["training.compile=true"])]
+                      ("rm", "untrimmed", ["training.trim_last_block=false"]), ("ppo", "compile", ["training.compile=true"])]
     plan = compare.run_plan(places, list(compare.STAGES), rounds=1, skip_double=True, skip_levers=True)
     assert {variant for *_, variant, _ in plan} == {"1x"}
 

@@ -424,15 +424,15 @@ def test_trimming_stays_off_for_a_feed_forward_that_mixes_positions_or_none_foun
     ids, mask = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     with torch.no_grad():
         expected = model(ids, mask)[[0, 1], [3, 2]]
-    with caplog.at_level("INFO", logger="rlhf.models.heads"):
+    with caplog.at_level("INFO", logger="rlhf.models.backbone"):
         assert not model.trim_last_block()
-    assert not model.trims_last_block and "trimming the last block changes the rewards" in caplog.text
+    assert not model.trims_last_block and "trimming the last block changes its outputs" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(model.score(ids, mask), expected, atol=1e-6, rtol=0)
 
     monkeypatch.setattr(backbone, "FEED_FORWARD_NAMES", ("feed_forward",))  # a block without a known name
     caplog.clear()
-    with caplog.at_level("INFO", logger="rlhf.models.heads"):
+    with caplog.at_level("INFO", logger="rlhf.models.backbone"):
         assert not model.trim_last_block()
     assert "no feed-forward module found in the last block" in caplog.text
 
