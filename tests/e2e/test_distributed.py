@@ -115,7 +115,10 @@ def test_sft_two_processes_train_the_same_weights_as_one(tmp_path, lora):
 def test_reward_model_two_processes_train_the_same_weights_as_one(upstream, tmp_path, lora):
     sft_final, _ = upstream
     one, two = run_one_and_two("rm", tmp_path, "rm", [f"model.name_or_path={sft_final}", *(LORA["rm"] if lora else [])])
-    assert_same_weights(one, two)
+    # 5e-5: the last block's feed-forward gets its gradient from the EOS rows alone (training.trim_last_block), and
+    # Adam (lr 1e-3) scales every element's update to about lr however small its gradient, so the rounding of the two
+    # layouts' reductions reaches those weights at up to ~2e-5 (1.6e-5 untrimmed, 1.9e-5 trimmed, measured).
+    assert_same_weights(one, two, atol=5e-5)
     assert metric(two, "loss") == pytest.approx(metric(one, "loss"), abs=1e-5)
     assert metric(two, "eval/accuracy") == pytest.approx(metric(one, "eval/accuracy"), abs=1e-6)
     # The normalisation is fitted over every process's share: the same statistics.
