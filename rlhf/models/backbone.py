@@ -599,8 +599,6 @@ def kept_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return model(**inputs).logits[keep]
 
 
-# ----------------------------------------------------------------------------- the loss without the logits
-
 @torch.no_grad()
 def trimmable_feed_forward(model: torch.nn.Module) -> torch.nn.Module | None:
     """The feed-forward of causal LM ``model``'s last block, for ``feed_forward_at`` around ``kept_logits`` with the
@@ -625,6 +623,8 @@ def trimmable_feed_forward(model: torch.nn.Module) -> torch.nn.Module | None:
         model.train(was_training)
     return feed_forward if fits else None
 
+
+# ----------------------------------------------------------------------------- the loss without the logits
 
 def output_projection(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's vocabulary projection if it is a plain linear layer (``nn.Linear``, or the
