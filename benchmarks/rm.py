@@ -27,7 +27,6 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from rlhf.config import RewardConfig, load_config  # noqa: E402
-from rlhf.models.backbone import last_feed_forward  # noqa: E402
 from rlhf.trainers.reward import RewardTrainer  # noqa: E402
 
 
@@ -55,11 +54,9 @@ def main() -> None:
         record = common.training_record(output_dir)
         runtime, tokens = record["train_runtime_s"], int(record["train_tokens"])
         pairs = watch.args[1]  # one epoch: every training pair once
-        # What training.trim_last_block left out: the last block's feed-forward (forward and backward, 6 FLOPs per weight)
-        # at every processed token but the responses' EOS, two per prompt in the workload (one pair per prompt).
+        # Trimmed, the last block's feed-forward ran at the responses' EOS only: two per prompt in the workload.
         trimmed = trainer.model.trims_last_block
-        feed_forward_params = sum(p.numel() for p in last_feed_forward(trainer.model).parameters()) if trimmed else 0
-        skipped_gflop = 6 * feed_forward_params * (tokens - 2 * pairs) / 1e9
+        skipped_gflop = common.skipped_gflop(trainer.model.trimmed_feed_forward, tokens - 2 * pairs)
         common.emit({
             "stage": "rm",
             "impl": "rlhf",
@@ -78,7 +75,7 @@ def main() -> None:
             "tokens_per_pair": round(tokens / pairs, 1),
             "prefix_sharing": config.prefix_sharing,
             "trim_last_block": trimmed,
-            "skipped_gflop": round(skipped_gflop, 3),  # compare.py takes it off the 6·N·tokens count
+            "skipped_gflop": round(skipped_gflop, 3),
             "group_by_length": config.training.group_by_length,
             "final_loss": round(record["loss"], 4),
             "max_length": config.data.max_length,

@@ -54,11 +54,10 @@ def main() -> None:
         cpu = watch.require().monitor.stop()  # from the first step to train()'s return (final/ written)
         record = common.training_record(output_dir)
         runtime, tokens = record["train_runtime_s"], int(record["train_tokens"])
-        # What training.trim_last_block left out: the last block's feed-forward (forward and backward, 6 FLOPs per
-        # weight) at every real token that predicts no trained token (train_units counts those that do).
+        # Trimmed, the last block's feed-forward ran only at the real tokens that predict a trained one (train_units).
         trimmed = trainer.trims_last_block
-        feed_forward_params = sum(p.numel() for p in last_feed_forward(trainer.model).parameters()) if trimmed else 0
-        skipped_gflop = 6 * feed_forward_params * (tokens - int(record["train_units"])) / 1e9
+        feed_forward = last_feed_forward(trainer.model) if trimmed else None
+        skipped_gflop = common.skipped_gflop(feed_forward, tokens - int(record["train_units"]))
         common.emit({
             "stage": "sft",
             "impl": "rlhf",
@@ -75,7 +74,7 @@ def main() -> None:
             "max_length": config.data.max_length,
             "group_by_length": config.training.group_by_length,
             "trim_last_block": trimmed,
-            "skipped_gflop": round(skipped_gflop, 3),  # compare.py takes it off the 6·N·tokens count
+            "skipped_gflop": round(skipped_gflop, 3),
             **common.run_fields(manifest, cpu, THREADS, config.training),
         })
     finally:

@@ -306,6 +306,7 @@ class RewardConfig:
     prefix_sharing: bool = param(True, help=(
         "run each prompt through the model once and its responses on the prompt's key/value cache, instead of "
         "every response as a full prompt + response sequence: less compute, the same rewards up to float rounding"))
+
     def validate(self, model_given: bool = False, data_given: bool = False) -> None:
         """Check every field; ``model_given``/``data_given``: the trainer got them as objects, so the
         ``model:`` block and ``data.path`` may stay empty."""

@@ -609,12 +609,13 @@ def shards_weights(accelerator: Accelerator) -> bool:
     return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
-def may_trim_last_block(training: TrainingConfig, accelerator: Accelerator) -> bool:
-    """Whether ``training.trim_last_block`` applies to the trained model: not with compiled blocks (hooks added after
+def may_trim_last_block(training: TrainingConfig, accelerator: Accelerator, frozen: bool = False) -> bool:
+    """Whether ``training.trim_last_block`` applies to a model: not with compiled blocks (hooks added after
     compilation are not traced), gradient checkpointing (the backward's recomputation of the block would run
-    untrimmed and differ from its forward) or weights sharded outside the forward (FSDP, ZeRO-3)."""
-    return training.trim_last_block and not (training.compile or training.gradient_checkpointing
-                                             or shards_weights(accelerator))
+    untrimmed and differ from its forward; it never reaches a ``frozen`` model, such as PPO's reward model) or
+    weights sharded outside the forward (FSDP, ZeRO-3)."""
+    recomputes = training.gradient_checkpointing and not frozen
+    return training.trim_last_block and not (training.compile or recomputes or shards_weights(accelerator))
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float | None) -> None:

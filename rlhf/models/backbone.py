@@ -250,15 +250,19 @@ def last_feed_forward(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @contextlib.contextmanager
-def feed_forward_at(feed_forward: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
+def feed_forward_at(feed_forward: torch.nn.Module | None, keep: torch.Tensor | None) -> Iterator[None]:
     """Within: ``feed_forward`` runs on the positions ``keep`` ((batch, seq_len) bool) marks only, and outputs
-    zeros at the others.
+    zeros at the others. With either of them None (no trimming, or nothing said about what is read) nothing changes.
 
     Meant for the last block's feed-forward: its output at a position reaches nothing but the model's
     output there, so a model read at a few positions (a reward at each EOS) gets those outputs unchanged
     and skips the rest of the block's largest matmuls; its outputs elsewhere are then wrong. The module must
     treat each position alone, as a transformer's feed-forward does (a mixture of experts routes per token too).
     """
+    if feed_forward is None or keep is None:
+        yield
+        return
+
     def take_rows(_module, args, kwargs):
         if args:
             return (args[0][keep].unsqueeze(0), *args[1:]), kwargs
@@ -610,7 +614,7 @@ def trimmable_feed_forward(model: torch.nn.Module) -> torch.nn.Module | None:
     keep = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 0, 1, 0, 0]], dtype=torch.bool, device=device)
 
     def kept(feed_forward: torch.nn.Module | None) -> torch.Tensor:
-        with feed_forward_at(feed_forward, keep) if feed_forward is not None else contextlib.nullcontext():
+        with feed_forward_at(feed_forward, keep):
             return kept_logits(model, ids, None, keep).float()
 
     feed_forward = last_feed_forward(model)

@@ -17,10 +17,8 @@ Reward normalisation (mean 0 on a reference set, optionally std 1) lives in the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import logging
 import math
 
 import torch
@@ -36,7 +34,11 @@ from rlhf.models.backbone import (adopt_model, build_fresh_gpt2, compile_blocks,
                                   last_feed_forward, packing_changed_outputs, trimming_fits)
 from rlhf.models.lora import apply_lora, has_lora, save_hf_model
 
-logger = logging.getLogger(__name__)
+
+def last_token_positions(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of each row's last real token, where a reward is read: ``ScalarHeadModel``'s ``read``."""
+    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+    return rows, last_valid_index(attention_mask)
 
 
 class ScalarHeadModel(nn.Module):
@@ -60,6 +62,11 @@ class ScalarHeadModel(nn.Module):
     @property
     def head(self) -> nn.Linear:
         return self.model.score
+
+    @property
+    def trimmed_feed_forward(self) -> nn.Module | None:
+        """The last block's feed-forward that ``feed_forward_at`` trims, once ``trim_last_block`` turned it on."""
+        return self._trimmed_feed_forward[0] if self._trimmed_feed_forward else None
 
     @property
     def trims_last_block(self) -> bool:
@@ -96,12 +103,12 @@ class ScalarHeadModel(nn.Module):
             hidden = self.continuation_hidden_states(input_ids, attention_mask, prefix_ids, prefix_mask, prefix_index,
                                                      keep)
         elif attention_mask.dim() == 4:
-            with self.last_block_at(keep):
+            with feed_forward_at(self.trimmed_feed_forward, keep):
                 hidden = packed_hidden_states(self.model.base_model, input_ids, attention_mask, position_ids)
         else:
             # Positions are the exclusive cumsum of the mask, so a token's position (and its output)
             # does not depend on how much padding sits to its left (docs/ppo.md#11, docs/ppo.md#41).
-            with self.last_block_at(keep):
+            with feed_forward_at(self.trimmed_feed_forward, keep):
                 hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                                position_ids=exclusive_cumsum_positions(attention_mask),
                                                use_cache=False).last_hidden_state
@@ -113,12 +120,13 @@ class ScalarHeadModel(nn.Module):
                                    prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, prefix_index: torch.Tensor,
                                    keep: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk's last hidden states over continuations of shared prefixes (see ``forward``); gradients reach
-        the prefixes too. ``keep``: the positions of ``input_ids`` the caller reads, for ``last_block_at``."""
+        the prefixes too. ``keep``: the positions of ``input_ids`` the caller reads, for ``feed_forward_at``."""
         with eager_blocks():  # compiled blocks would re-trace per layer on a cache (eager_blocks)
             trunk = self.model.base_model
             # Nothing reads the prefixes' outputs, only their key/value cache: a trimmed last block skips
             # its feed-forward there entirely.
-            with self.last_block_at(torch.zeros_like(prefix_mask, dtype=torch.bool)):
+            nothing_read = torch.zeros_like(prefix_mask, dtype=torch.bool)
+            with feed_forward_at(self.trimmed_feed_forward, nothing_read):
                 prefix_out = trunk(input_ids=prefix_ids, attention_mask=prefix_mask,
                                    position_ids=exclusive_cumsum_positions(prefix_mask), use_cache=True)
             # transformers >= 5.2x names the KV cache `cache`; older releases `past_key_values`.
@@ -130,16 +138,9 @@ class ScalarHeadModel(nn.Module):
             prefix_lengths = prefix_mask.sum(dim=1)[prefix_index]
             position_ids = prefix_lengths.unsqueeze(1) + exclusive_cumsum_positions(attention_mask)
             full_mask = torch.cat([prefix_mask[prefix_index], attention_mask], dim=1)
-            with self.last_block_at(keep):
+            with feed_forward_at(self.trimmed_feed_forward, keep):
                 return trunk(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
                              use_cache=True, **{cache_argument: cache}).last_hidden_state
-
-    def last_block_at(self, keep: torch.Tensor | None):
-        """A context in which the last block's feed-forward runs at the positions ``keep`` marks only, when
-        ``trim_last_block`` turned trimming on and ``keep`` is given; otherwise nothing changes."""
-        if keep is None or not self._trimmed_feed_forward:
-            return contextlib.nullcontext()
-        return feed_forward_at(self._trimmed_feed_forward[0], keep)
 
     @torch.no_grad()
     def trim_last_block(self) -> bool:
@@ -163,7 +164,7 @@ class ScalarHeadModel(nn.Module):
         prefix = {"prefix_ids": torch.randint(vocab, (1, 3), generator=generator).to(device),
                   "prefix_mask": torch.ones(1, 3, dtype=torch.long, device=device),
                   "prefix_index": torch.zeros(2, dtype=torch.long, device=device)}
-        read = (torch.arange(2, device=device), last_valid_index(mask))
+        read = last_token_positions(mask)
 
         def rewards(feed_forward: nn.Module | None) -> torch.Tensor:
             self._trimmed_feed_forward = (feed_forward,) if feed_forward is not None else ()
@@ -182,8 +183,7 @@ class ScalarHeadModel(nn.Module):
 
     def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch,) head output at the last non-padding token, before normalisation."""
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self(input_ids, attention_mask, read=(rows, last_valid_index(attention_mask)))
+        return self(input_ids, attention_mask, read=last_token_positions(attention_mask))
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch,) reward: the raw score normalised with the statistics stored in the config."""

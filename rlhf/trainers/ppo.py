@@ -72,12 +72,12 @@ from rlhf.training import (
     end_training,
     full_weights,
     load_checkpoint,
+    may_trim_last_block,
     micro_batch_sync,
     optimizer_step,
     prepare_frozen,
     save_checkpoint,
     save_pretrained_atomic,
-    shards_weights,
     start_run,
     stop_requested,
     stops_gracefully,
@@ -336,8 +336,7 @@ class PPOTrainer:
             self.reference = prepare_frozen(accelerator, self.reference)
         if self.reward_model is not None:
             self.reward_model = prepare_frozen(accelerator, self.reward_model)
-            # Read at each episode's EOS only; frozen, so gradient checkpointing does not reach it.
-            if config.training.trim_last_block and not (config.training.compile or shards_weights(accelerator)):
+            if may_trim_last_block(config.training, accelerator, frozen=True):  # read at each episode's EOS only
                 self.reward_model.trim_last_block()
 
         state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState(extra={"kl_coef": ppo.kl_coef})

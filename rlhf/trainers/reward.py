@@ -23,13 +23,14 @@ import torch
 
 from rlhf.config import RewardConfig
 from rlhf.errors import UserError
-from rlhf.functional import last_valid_index, pairwise_accuracy, pairwise_ranking_loss, reward_centering_penalty
+from rlhf.functional import pairwise_accuracy, pairwise_ranking_loss, reward_centering_penalty
 from rlhf.models import (
     ScalarHeadModel,
     adopt_model,
     check_segment_mask_support,
     checkpoint_architectures,
     has_trained_head,
+    last_token_positions,
     load_scalar_model,
     load_tokenizer,
     make_trainable,
@@ -75,9 +76,8 @@ def sequence_rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
         return model(batch["input_ids"], batch["segment_mask"], position_ids=batch["position_ids"],
                      read=(batch["reward_rows"], batch["reward_columns"]))
     prefix = {key: batch[key] for key in ("prefix_ids", "prefix_mask", "prefix_index") if key in batch}
-    mask = batch["attention_mask"]
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    return model(batch["input_ids"], mask, **prefix, read=(rows, last_valid_index(mask)))
+    return model(batch["input_ids"], batch["attention_mask"], **prefix,
+                 read=last_token_positions(batch["attention_mask"]))
 
 
 def log_held_out(metrics_path: str) -> None:

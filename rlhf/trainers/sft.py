@@ -6,7 +6,6 @@ token-level mean over the whole optimizer step (Ouyang et al. 2022, §3.5 "SFT")
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -67,8 +66,7 @@ class LanguageModelingObjective:
         # (flash attention through SDPA on a GPU; the masked memory-efficient kernels took a fifth of the gpt2
         # preset's SFT kernel time on an H200).
         position_ids = batch.get("position_ids")
-        with (feed_forward_at(self.trimmed_feed_forward, predicts_trained) if self.trimmed_feed_forward is not None
-              else contextlib.nullcontext()):
+        with feed_forward_at(self.trimmed_feed_forward, predicts_trained):
             if self.fused and torch.is_grad_enabled():  # evaluation keeps the plain path: no gradient to make
                 loss_sum = fused_cross_entropy_sum(model, batch["input_ids"], predicts_trained, targets[trained],
                                                    position_ids=position_ids)
