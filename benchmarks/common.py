@@ -289,13 +289,14 @@ def steady_rate(output_dir: Path, key: str) -> float | None:
     return statistics.median(values[len(values) // 2:])
 
 
-def skipped_gflop(feed_forward, untouched_tokens: int) -> float:
+def skipped_gflop(feed_forward, untouched_tokens: int, flops_per_weight: int = 6) -> float:
     """What ``training.trim_last_block`` left out of a run: the last block's feed-forward (``rlhf.models.
-    last_feed_forward``; None when the run was not trimmed) at ``untouched_tokens`` positions, forward and backward,
-    6 FLOPs per weight. compare.py takes it off the 6·N·tokens count."""
+    last_feed_forward``; None when the run was not trimmed) at ``untouched_tokens`` positions, ``flops_per_weight``
+    per weight and position (6: forward and backward; 2: a forward alone). compare.py takes it off the count of
+    useful arithmetic."""
     if feed_forward is None:
         return 0.0
-    return 6 * sum(p.numel() for p in feed_forward.parameters()) * untouched_tokens / 1e9
+    return flops_per_weight * sum(p.numel() for p in feed_forward.parameters()) * untouched_tokens / 1e9
 
 
 def rounded(value: float | None, digits: int, scale: float = 1.0) -> float | None:

@@ -5,7 +5,7 @@
 
 Each round runs, stage by stage: ours (benchmarks/<stage>.py in this project's .venv), ours with each
 documented speed key that is off by default (LEVERS: training.packing, training.compile, SFT's
-training.fused_cross_entropy) and with training.trim_last_block, on by default, off (SFT, RM), the
+training.fused_cross_entropy) and with training.trim_last_block, on by default, off (every stage), the
 TRL anchor (benchmarks/anchors/trl_sft.py / trl_rm.py in the trl116 venv, trl_ppo.py in trl029), the
 plain-torch ceiling for that stage alone (anchors/torch_ceiling.py --stage <stage>, trl116, so its
 peak RSS is the stage's own) and ours on the 2x-length variant; anchors/peak_flops.py runs once
@@ -56,7 +56,7 @@ LEVERS = {
             "untrimmed": ["training.trim_last_block=false"]},  # on by default: the row shows what it buys
     "rm": {"packing": ["training.packing=true"], "compile": ["training.compile=true"],
            "untrimmed": ["training.trim_last_block=false"]},
-    "ppo": {"compile": ["training.compile=true"]},
+    "ppo": {"compile": ["training.compile=true"], "untrimmed": ["training.trim_last_block=false"]},
 }
 # The targets for the best row, same run, same machine: ours ÷ TRL and share of the matmul peak.
 TARGETS = {"sft": (2.0, 0.70), "rm": (1.5, 0.70), "ppo": (1.5, 0.70)}
@@ -111,20 +111,21 @@ def ppo_flops_per_episode(n_params: int, prompt_tokens: float, new_tokens: float
 
 
 def achieved_gflops(stage: str, result: dict, n_params: int) -> float | None:
-    """Useful GFLOP/s of one run: 6·N·real tokens/s for SFT and RM, 22·N·L·episodes/s for PPO; for our RM less
-    the arithmetic its ``trim_last_block`` left out (``skipped_gflop``), so the count stays the work done."""
+    """Useful GFLOP/s of one run: 6·N·real tokens/s for SFT and RM, 22·N·L·episodes/s for PPO; for our runs less
+    the arithmetic their ``trim_last_block`` left out (``skipped_gflop``), so the count stays the work done."""
+    skipped = float(result.get("skipped_gflop") or 0.0)
+    skipped_per_s = skipped / float(result["wall_s"]) if skipped else 0.0
     if stage in ("sft", "rm"):
         tokens_per_s = result.get("tokens_per_s")
         if tokens_per_s is None:
             return None
-        skipped = float(result.get("skipped_gflop") or 0.0)
-        return 6.0 * n_params * tokens_per_s / 1e9 - (skipped / float(result["wall_s"]) if skipped else 0.0)
+        return 6.0 * n_params * tokens_per_s / 1e9 - skipped_per_s
     episodes_per_s = result.get("episodes_per_s")
     if episodes_per_s is None:
         return None
     flops = ppo_flops_per_episode(n_params, result.get("prompt_tokens_per_episode", PPO_PROMPT_TOKENS),
                                   result.get("new_tokens_per_episode", PPO_NEW_TOKENS))
-    return flops * episodes_per_s / 1e9
+    return flops * episodes_per_s / 1e9 - skipped_per_s
 
 
 def peak_gflops_of(result: dict) -> float:
@@ -496,6 +497,9 @@ Useful arithmetic, the same count for every implementation (N = non-embedding pa
   reference, reward and value forwards 4 × 2N·L, policy and value training 2 × 6N·L:
   **22·N·L** (with one PPO epoch). TRL takes its rollout logprobs from generation, and so do we
   with `ppo.logprobs_from_generation` (our JSON line gives the value used): 20·N·L of real work.
+  Trimmed, our policy, reference and critic run the last block's feed-forward only at the positions
+  before each response token and our reward model only at the EOS: the GFLOP/s leave that out too
+  (`skipped_gflop`: 2 FLOPs per weight and skipped position for a forward, 6 with the backward).
 Share of peak = useful GFLOP/s ÷ the fp32 matmul peak that `benchmarks/anchors/peak_flops.py` measures
 (best per-size median, {threads} threads).
 

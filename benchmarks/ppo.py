@@ -83,6 +83,19 @@ def main() -> None:
         runtime = record["train_runtime_s"]
         episodes, generated = int(record["train_episodes"]), int(record["train_generated_tokens"])
         max_new_tokens = config.sampling.max_new_tokens
+        from_generation = getattr(trainer, "logprobs_from_generation", config.ppo.logprobs_from_generation)
+        # Trimmed (training.trim_last_block), the last feed-forward of the policy, the reference and the critic ran at
+        # the R positions before each response token, skipping as many as the prompt has tokens (its own but the last,
+        # and the response's last), the policy and the critic forward and backward (the critic's rollout forward too);
+        # the reward model's ran at each episode's EOS alone.
+        prompt_tokens = round(episodes * sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids))
+        sequence_tokens = prompt_tokens + generated
+        critic, reward_model = trainer.critic_model, trainer.reward_model
+        skipped_gflop = (common.skipped_gflop(trainer.policy_feed_forward, prompt_tokens, 6 if from_generation else 8)
+                         + common.skipped_gflop(critic.trimmed_feed_forward, prompt_tokens, 8)
+                         + common.skipped_gflop(trainer.reference_feed_forward, prompt_tokens, 2)
+                         + common.skipped_gflop(reward_model.trimmed_feed_forward if reward_model else None,
+                                                sequence_tokens - episodes, 2))
         common.emit({
             "stage": "ppo",
             "impl": "rlhf",
@@ -102,7 +115,9 @@ def main() -> None:
             "generated_tokens_max": episodes * max_new_tokens,
             "generated_tokens_per_s": round(generated / runtime, 2),
             # null in the config means "from sampling where exact"; the trainer keeps what it resolved
-            "logprobs_from_generation": getattr(trainer, "logprobs_from_generation", config.ppo.logprobs_from_generation),
+            "logprobs_from_generation": from_generation,
+            "trim_last_block": trainer.policy_feed_forward is not None,
+            "skipped_gflop": round(skipped_gflop, 3),
             "cpu_packed_weights": config.sampling.cpu_packed_weights,  # the sampler's oneDNN path (rlhf.models.onednn)
             "final_loss": round(record["policy_loss"], 4),
             "final_value_loss": round(record["value_loss"], 4),

@@ -156,7 +156,8 @@ class TrainingConfig:
     trim_last_block: bool = param(True, help=(
         "run the last transformer block's feed-forward only at the positions whose output is read: SFT the positions "
         "that predict a trained token, the reward model each response's EOS (and none of a shared prompt, of which "
-        "only the key/value cache is read), PPO's reward model each episode's EOS. The same outputs up to float "
+        "only the key/value cache is read); in PPO the policy and the reference the positions that predict a response "
+        "token, the critic the states before them, the reward model each episode's EOS. The same outputs up to float "
         "rounding, about 8·d² of the block's 12·d² weights per skipped position left out. Checked on the model "
         "when training starts (a model it does not fit runs untrimmed); off under compile, gradient_checkpointing "
         "and sharded weights (FSDP, ZeRO-3)"))

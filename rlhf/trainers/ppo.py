@@ -55,8 +55,9 @@ from rlhf.functional import (
     truncate_after_eos,
 )
 from rlhf.generation import sample_with_logprobs
-from rlhf.models import (ScalarHeadModel, adopt_model, compile_blocks, kept_logits, load_causal_lm, load_reward_model,
-                         load_scalar_model, load_tokenizer, make_trainable, resolve_max_length, save_merged)
+from rlhf.models import (ScalarHeadModel, adopt_model, compile_blocks, feed_forward_at, kept_logits, load_causal_lm,
+                         load_reward_model, load_scalar_model, load_tokenizer, make_trainable, resolve_max_length,
+                         save_merged, trimmable_feed_forward)
 from rlhf.models.lora import adapters_disabled
 from rlhf.trainers.sft import LanguageModelingObjective
 from rlhf.training import (
@@ -135,19 +136,23 @@ def load_reward_function(spec: str, key: str = "reward.function") -> RewardFunct
     return function
 
 
-def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                    trimmed_feed_forward: torch.nn.Module | None = None) -> torch.Tensor:
     """(B, T, V) logits predicting each response token, with position ids = exclusive cumsum of the mask.
 
     Only the positions that predict response tokens go through the vocabulary projection: the last
     prompt position and every response position but the last, selected by a mask, so the projection is
     one (B·T, d) matmul (the last-k slice of the hidden states is not contiguous, and a linear layer on
-    it runs as a batched matmul over a broadcast weight, ~2x slower on CPU).
+    it runs as a batched matmul over a broadcast weight, ~2x slower on CPU). ``trimmed_feed_forward``
+    (``trimmable_feed_forward``, ``training.trim_last_block``): the last block's feed-forward, run at
+    those positions only; the rest of the prompt is read only through its keys and values.
     """
     position_ids = exclusive_cumsum_positions(attention_mask)
     batch_size, response_len = input_ids.shape[0], input_ids.shape[1] - prompt_len
     predicts_response = torch.zeros_like(input_ids, dtype=torch.bool)
     predicts_response[:, prompt_len - 1:-1] = True
-    logits = kept_logits(model, input_ids, attention_mask, predicts_response, position_ids=position_ids)
+    with feed_forward_at(trimmed_feed_forward, predicts_response):
+        logits = kept_logits(model, input_ids, attention_mask, predicts_response, position_ids=position_ids)
     return logits.view(batch_size, response_len, logits.shape[-1])
 
 
@@ -336,8 +341,7 @@ class PPOTrainer:
             self.reference = prepare_frozen(accelerator, self.reference)
         if self.reward_model is not None:
             self.reward_model = prepare_frozen(accelerator, self.reward_model)
-            if may_trim_last_block(config.training, accelerator, frozen=True):  # read at each episode's EOS only
-                self.reward_model.trim_last_block()
+        self.trim_last_blocks()
 
         state = load_checkpoint(accelerator, resume_from) if resume_from else TrainState(extra={"kl_coef": ppo.kl_coef})
         if resume_from:
@@ -435,6 +439,24 @@ class PPOTrainer:
             return existing
         return save_checkpoint(self.accelerator, self.run, state, self.config.training.keep_checkpoints)
 
+    def trim_last_blocks(self) -> None:
+        """``training.trim_last_block``: each model runs its last block's feed-forward only where an output is
+        read. The policy and the reference at the positions that predict a response token, the critic at the
+        states before them (``critic_values``), the reward model at each episode's EOS: the prompt's other
+        positions reach the outputs only through their keys and values. Each model is checked (and logs why it
+        stays untrimmed) before its first forward."""
+        training, accelerator = self.config.training, self.accelerator
+        self.policy_feed_forward = self.reference_feed_forward = None
+        if may_trim_last_block(training, accelerator):
+            self.policy_feed_forward = trimmable_feed_forward(self.policy_model)
+            self.critic_model.trim_last_block()
+        if may_trim_last_block(training, accelerator, frozen=True):  # never trained: never recomputed
+            # With LoRA the reference is the policy itself with its adapters off (``reference_model``).
+            self.reference_feed_forward = trimmable_feed_forward(
+                self.reference if self.reference is not None else self.policy_model)
+            if self.reward_model is not None:
+                self.reward_model.trim_last_block()
+
     def build_optimizers(self, total_updates: int) -> None:
         """One AdamW over policy and critic; with ``ppo.separate_optimizers`` the critic's parameters form
         their own groups at ``critic_lr`` and each model's gradient is clipped on its own norm, which is
@@ -530,12 +552,14 @@ class PPOTrainer:
             if self.logprobs_from_generation:
                 logprobs = sample_logprobs
             else:
-                logprobs = logprobs_from_logits(response_logits(policy, input_ids, attention_mask, prompt_len),
+                logprobs = logprobs_from_logits(response_logits(policy, input_ids, attention_mask, prompt_len,
+                                                                self.policy_feed_forward),
                                                 response_ids, sampling.temperature)
             with self.reference_model(policy) as reference:
-                ref_logprobs = logprobs_from_logits(response_logits(reference, input_ids, attention_mask, prompt_len),
+                ref_logprobs = logprobs_from_logits(response_logits(reference, input_ids, attention_mask, prompt_len,
+                                                                    self.reference_feed_forward),
                                                     response_ids, sampling.temperature)
-            values = critic_values(critic, input_ids, attention_mask)[:, prompt_len - 1:-1]
+            values = critic_values(critic, input_ids, attention_mask, prompt_len)
             scores = self.score(prompt_texts, prompts, prompt_mask, response_ids, response_mask)
         scores = scores.to(prompts.device).float()
         if sampling.missing_eos_penalty is not None:
@@ -659,8 +683,8 @@ class PPOTrainer:
         prompt_len = batch.prompt_ids.shape[1]
         mask = batch.response_mask
         logits, values = self.model(lambda policy, critic: (
-            response_logits(policy, input_ids, attention_mask, prompt_len),
-            critic_values(critic, input_ids, attention_mask)[:, prompt_len - 1:-1]))
+            response_logits(policy, input_ids, attention_mask, prompt_len, self.policy_feed_forward),
+            critic_values(critic, input_ids, attention_mask, prompt_len)))
         logprobs = logprobs_from_logits(logits, batch.response_ids, sampling.temperature)
         policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, ppo.clip_eps)
         value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, ppo.value_clip_eps)
@@ -726,9 +750,16 @@ class PPOTrainer:
 
 # ----------------------------------------------------------------------------- helpers
 
-def critic_values(critic: ScalarHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) per-token values in reward units (the critic's head output with the RM's normalisation)."""
-    return critic.normalize(critic(input_ids, attention_mask))
+def critic_values(critic: ScalarHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  prompt_len: int) -> torch.Tensor:
+    """(B, T) values V_t of the states before each response token t (the last prompt position and every
+    response position but the last), in reward units: the critic's head output with the RM's normalisation.
+    Only those positions are ``read``, so a critic that ``trims_last_block`` skips the rest of the prompt."""
+    batch_size, seq_len = input_ids.shape
+    columns = torch.arange(prompt_len - 1, seq_len - 1, device=input_ids.device)
+    read = (torch.arange(batch_size, device=input_ids.device).repeat_interleave(len(columns)),
+            columns.repeat(batch_size))
+    return critic.normalize(critic(input_ids, attention_mask, read=read)).view(batch_size, len(columns))
 
 
 class StoppedInUpdate(Exception):

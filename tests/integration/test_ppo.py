@@ -782,6 +782,60 @@ def test_gradient_checkpointing_leaves_the_ppo_losses_unchanged(tokenizer_dir, t
         assert with_checkpoints == pytest.approx(without, abs=1e-6)
 
 
+class RowCountingTrainer(RecordingTrainer):
+    """Counts the rows each model's trimmed last feed-forward sees in the update's forwards (``compute_loss``)."""
+
+    def compute_loss(self, batch):
+        rows = {}
+        modules = {"policy": self.policy_feed_forward, "critic": self.critic_model.trimmed_feed_forward}
+        # A forward hook sees the input the module really ran on (after the trimming's pre-hook took the rows out).
+        hooks = [module.register_forward_hook(
+            lambda _, args, output, name=name: rows.__setitem__(name, rows.get(name, 0) + args[0].shape[:-1].numel()))
+            for name, module in modules.items() if module is not None]
+        try:
+            loss, stats = super().compute_loss(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        states = batch.response_ids.numel()  # one per response position: the logits and the values read
+        self.loss_calls[-1].update({f"{name}_rows_seen": count / states for name, count in rows.items()})
+        return loss, stats
+
+
+def test_trimmed_ppo_trains_the_curves_of_the_untrimmed_models(tokenizer_dir, tmp_path, reward_model_dir):
+    # training.trim_last_block: the policy and the reference run their last feed-forward only at the positions
+    # that predict a response token, the critic at the states before them, the reward model at each EOS; the
+    # rollouts and every loss are the untrimmed run's up to float rounding. Gradient checkpointing leaves the
+    # trained models untrimmed (the recomputation would run the whole block), the frozen ones trimmed.
+    runs = {}
+    for trim, checkpointing in ((False, False), (True, False), (True, True)):
+        trainer = run_tiny_ppo(tmp_path / f"{trim}-{checkpointing}", tokenizer_dir, trainer_class=RowCountingTrainer,
+                               reward_fn=None, sampling={"missing_eos_penalty": None},
+                               reward={"function": None, "model_path": reward_model_dir}, critic={"init": "reward"},
+                               ppo={"logprobs_from_generation": False},
+                               training={"trim_last_block": trim, "gradient_checkpointing": checkpointing,
+                                         "max_steps": 2})
+        trains_trimmed = trim and not checkpointing
+        assert (trainer.policy_feed_forward is not None) == trains_trimmed
+        assert trainer.critic_model.trims_last_block == trains_trimmed
+        assert (trainer.reference_feed_forward is not None) == trim
+        assert trainer.reward_model.trims_last_block == trim
+        if trains_trimmed:  # the trained rows only: the prompt's other positions never reach the feed-forward
+            assert {call["policy_rows_seen"] for call in trainer.loss_calls} == {1.0}
+            assert {call["critic_rows_seen"] for call in trainer.loss_calls} == {1.0}
+        runs[trim, checkpointing] = trainer
+    untrimmed = runs[False, False]
+    assert len(untrimmed.loss_calls) == 16
+    for trainer in (runs[True, False], runs[True, True]):
+        for rollout, reference in zip(trainer.rollouts, untrimmed.rollouts):
+            assert torch.equal(rollout.response_ids, reference.response_ids)
+            for field in ("logprobs", "ref_logprobs", "values", "scores", "advantages"):
+                assert torch.allclose(getattr(rollout, field), getattr(reference, field), atol=1e-5), field
+        for call, reference in zip(trainer.loss_calls, untrimmed.loss_calls):
+            shared = {key: call[key] for key in reference}
+            assert shared == pytest.approx(reference, rel=1e-4, abs=1e-6)
+
+
 def test_packed_cpu_weights_sample_the_same_rollouts(tokenizer_dir, tmp_path, monkeypatch):
     # sampling.cpu_packed_weights (rlhf.models.onednn): the sampler decodes through oneDNN on packed weights when
     # on, its own MKL path when off; the rollouts and the losses agree up to float rounding.

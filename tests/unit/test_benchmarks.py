@@ -209,7 +209,8 @@ def test_the_plan_runs_each_lever_of_a_stage_unless_told_not_to(tmp_path):
                       ("sft", "fused_ce", ["training.fused_cross_entropy=true"]),
                       ("sft", "untrimmed", ["training.trim_last_block=false"]),
                       ("rm", "packing", ["training.packing=true"]), ("rm", "compile", ["training.compile=true"]),
-                      ("rm", "untrimmed", ["training.trim_last_block=false"]), ("ppo", "compile", ["training.compile=true"])]
+                      ("rm", "untrimmed", ["training.trim_last_block=false"]), ("ppo", "compile", ["training.compile=true"]),
+                      ("ppo", "untrimmed", ["training.trim_last_block=false"])]
     plan = compare.run_plan(places, list(compare.STAGES), rounds=1, skip_double=True, skip_levers=True)
     assert {variant for *_, variant, _ in plan} == {"1x"}
 
@@ -241,6 +242,8 @@ def test_useful_flops_and_share_of_peak():
     # PPO: 22·N per token over prompt + response, per episode
     assert compare.ppo_flops_per_episode(n, 32, 32) == 22 * n * 64
     assert compare.achieved_gflops("ppo", {"episodes_per_s": 2.0}, n) == pytest.approx(2 * 22 * n * 64 / 1e9)
+    trimmed_ppo = {"episodes_per_s": 2.0, "skipped_gflop": 10.0, "wall_s": 50.0}
+    assert compare.achieved_gflops("ppo", trimmed_ppo, n) == pytest.approx(2 * 22 * n * 64 / 1e9 - 0.2)
     table = compare.format_table(compare.summarize(canned_lines(), n_params=n))
     sft_row = next(row for row in table.splitlines() if row.startswith("| sft | ours |"))
     assert "| 66.0 | 33 % |" in sft_row  # 6·10M·1100 = 66 GFLOP/s of a 200 GFLOP/s peak
