@@ -202,6 +202,8 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
         self.prompt_dataset = prompts
+        # The last feed-forwards that train() trims (``trim_last_blocks``); None: the model runs untrimmed.
+        self.policy_feed_forward = self.reference_feed_forward = None
 
     # ------------------------------------------------------------------ setup
 
@@ -752,7 +754,7 @@ class PPOTrainer:
 
 def critic_values(critic: ScalarHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   prompt_len: int) -> torch.Tensor:
-    """(B, T) values V_t of the states before each response token t (the last prompt position and every
+    """(B, R) values V_t of the states before each of the R response tokens t (the last prompt position and every
     response position but the last), in reward units: the critic's head output with the RM's normalisation.
     Only those positions are ``read``, so a critic that ``trims_last_block`` skips the rest of the prompt."""
     batch_size, seq_len = input_ids.shape
