@@ -90,12 +90,13 @@ def main() -> None:
         # the reward model's ran at each episode's EOS alone.
         prompt_tokens = round(episodes * sum(map(len, trainer.prompt_ids)) / len(trainer.prompt_ids))
         sequence_tokens = prompt_tokens + generated
-        critic, reward_model = trainer.critic_model, trainer.reward_model
-        skipped_gflop = (common.skipped_gflop(trainer.policy_feed_forward, prompt_tokens, 6 if from_generation else 8)
-                         + common.skipped_gflop(critic.trimmed_feed_forward, prompt_tokens, 8)
-                         + common.skipped_gflop(trainer.reference_feed_forward, prompt_tokens, 2)
-                         + common.skipped_gflop(reward_model.trimmed_feed_forward if reward_model else None,
-                                                sequence_tokens - episodes, 2))
+        trimmed = {"policy": trainer.policy_feed_forward, "critic": trainer.critic_model.trimmed_feed_forward,
+                   "reference": trainer.reference_feed_forward,
+                   "reward": trainer.reward_model.trimmed_feed_forward if trainer.reward_model else None}
+        skipped_gflop = (common.skipped_gflop(trimmed["policy"], prompt_tokens, 6 if from_generation else 8)
+                         + common.skipped_gflop(trimmed["critic"], prompt_tokens, 8)
+                         + common.skipped_gflop(trimmed["reference"], prompt_tokens, 2)
+                         + common.skipped_gflop(trimmed["reward"], sequence_tokens - episodes, 2))
         common.emit({
             "stage": "ppo",
             "impl": "rlhf",
@@ -116,7 +117,7 @@ def main() -> None:
             "generated_tokens_per_s": round(generated / runtime, 2),
             # null in the config means "from sampling where exact"; the trainer keeps what it resolved
             "logprobs_from_generation": from_generation,
-            "trim_last_block": trainer.policy_feed_forward is not None,
+            "trim_last_block": sorted(name for name, feed_forward in trimmed.items() if feed_forward is not None),
             "skipped_gflop": round(skipped_gflop, 3),
             "cpu_packed_weights": config.sampling.cpu_packed_weights,  # the sampler's oneDNN path (rlhf.models.onednn)
             "final_loss": round(record["policy_loss"], 4),
